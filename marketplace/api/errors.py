@@ -1,0 +1,71 @@
+"""Every API error has one shape: ``{"error": {"code", "message", "fields"}}``."""
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from marketplace.core.exceptions import ServiceError
+
+
+def error_response(*, http_status: int, code: str, message: str, fields: dict | None = None, headers=None) -> Response:
+    return Response(
+        {"error": {"code": code, "message": message, "fields": fields or {}}}, status=http_status, headers=headers
+    )
+
+
+def _flatten(detail) -> dict:
+    if isinstance(detail, dict):
+        return {key: [str(item) for item in (value if isinstance(value, list) else [value])] for key, value in detail.items()}
+    if isinstance(detail, list):
+        return {"non_field_errors": [str(item) for item in detail]}
+    return {}
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, ServiceError):
+        return error_response(http_status=exc.http_status, code=exc.code, message=exc.message, fields=exc.fields)
+    if isinstance(exc, DjangoValidationError):
+        fields = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+        return error_response(http_status=400, code="invalid", message="; ".join(exc.messages), fields=fields)
+    if isinstance(exc, IntegrityError):
+        # A constraint caught what validation did not: a client error, not a server one.
+        return error_response(http_status=409, code="conflict", message="The change conflicts with existing data.")
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ValidationError):
+        fields = _flatten(exc.detail)
+        first = next(iter(fields.items()), None)
+        message = f"{first[0]}: {first[1][0]}" if first else "Invalid input."
+        if first and first[0] == "non_field_errors":
+            message = first[1][0]
+        return error_response(http_status=response.status_code, code="invalid", message=message, fields=fields,
+                              headers=_headers(response))
+    code = getattr(exc, "default_code", "error")
+    detail = exc.detail if isinstance(exc, exceptions.APIException) else str(exc)
+    message = str(detail) if not isinstance(detail, (dict, list)) else "Request failed."
+    return error_response(http_status=response.status_code, code=str(code), message=message, headers=_headers(response))
+
+
+def _headers(response: Response) -> dict:
+    return {key: value for key, value in response.items() if key in ("WWW-Authenticate", "Retry-After", "Allow")}
+
+
+def not_found_view(request, exception=None):
+    from django.http import JsonResponse
+
+    return JsonResponse({"error": {"code": "not_found", "message": "No such endpoint.", "fields": {}}}, status=404)
+
+
+def server_error_view(request):
+    from django.http import JsonResponse
+
+    return JsonResponse(
+        {"error": {"code": "server_error", "message": "Internal error; it has been logged.", "fields": {}}},
+        status=status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )

@@ -1,0 +1,63 @@
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import models
+
+from marketplace.core.models import AuditLog
+
+
+class Actor:
+    """Who performs a change: a person (with their user row) or a task/system process."""
+
+    def __init__(self, label: str, user: AbstractBaseUser | None = None) -> None:
+        self.label = label
+        self.user = user
+
+    @classmethod
+    def for_user(cls, user: AbstractBaseUser) -> "Actor":
+        return cls(f"user:{user.get_username()}", user)
+
+    @classmethod
+    def task(cls, name: str) -> "Actor":
+        return cls(f"task:{name}")
+
+    def __repr__(self) -> str:
+        return f"Actor({self.label!r})"
+
+
+SYSTEM = Actor("system")
+
+
+def audit_record(
+    *,
+    actor: Actor,
+    action: str,
+    obj: models.Model,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    tenant: Any = None,
+    tenant_id: int | None = None,
+    message: str = "",
+) -> AuditLog:
+    return AuditLog.objects.create(
+        actor=actor.label,
+        actor_user=actor.user if actor.user is not None and actor.user.pk else None,
+        tenant_id=tenant.pk if tenant is not None else tenant_id,
+        action=action,
+        object_type=obj._meta.label_lower,
+        object_id=str(obj.pk),
+        before=before,
+        after=after,
+        message=message,
+    )
+
+
+def snapshot(obj: models.Model, fields: list[str]) -> dict[str, Any]:
+    """A JSON-safe picture of some fields, for the audit log's before/after."""
+    result: dict[str, Any] = {}
+    for name in fields:
+        value = getattr(obj, name)
+        if isinstance(value, models.Model):
+            value = value.pk
+        result[name] = value if isinstance(value, (int, bool, type(None))) else str(value)
+    return result

@@ -1,0 +1,132 @@
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from marketplace.core.exceptions import InvalidInput, NotFound, PermissionDenied
+from marketplace.core.services import Actor, audit_record, snapshot
+from marketplace.tenants.models import ApiToken, Membership, Tenant
+
+TOKEN_PREFIX = "gpm_"
+# Updating last_used_at on every request would turn every API read into a write; once a minute
+# is as precise as anyone reading the token list needs.
+LAST_USED_RESOLUTION_SECONDS = 60
+
+TENANT_AUDIT_FIELDS = ["slug", "name", "billing_status", "gpu_quota", "kubernetes_group", "is_active"]
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: ApiToken
+    raw: str
+
+
+def tenant_create(
+    *, actor: Actor, slug: str, name: str, gpu_quota: int = 64, kubernetes_group: str = ""
+) -> Tenant:
+    if Tenant.objects.filter(slug=slug).exists():
+        raise InvalidInput("A tenant with this slug already exists.", fields={"slug": ["already taken"]})
+    with transaction.atomic():
+        tenant = Tenant(slug=slug, name=name, gpu_quota=gpu_quota, kubernetes_group=kubernetes_group)
+        tenant.full_clean()
+        tenant.save()
+        audit_record(actor=actor, action="tenant.create", obj=tenant, tenant=tenant,
+                     after=snapshot(tenant, TENANT_AUDIT_FIELDS))
+    return tenant
+
+
+def tenant_update(*, actor: Actor, tenant: Tenant, **changes) -> Tenant:
+    allowed = {"name", "billing_status", "gpu_quota", "kubernetes_group", "is_active"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}.")
+    with transaction.atomic():
+        tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+        before = snapshot(tenant, TENANT_AUDIT_FIELDS)
+        for key, value in changes.items():
+            setattr(tenant, key, value)
+        tenant.full_clean()
+        tenant.save()
+        audit_record(actor=actor, action="tenant.update", obj=tenant, tenant=tenant,
+                     before=before, after=snapshot(tenant, TENANT_AUDIT_FIELDS))
+    return tenant
+
+
+def membership_add(*, actor: Actor, tenant: Tenant, user: AbstractBaseUser, role: str) -> Membership:
+    if role not in Membership.Role.values:
+        raise InvalidInput(f"Unknown role {role!r}.", fields={"role": [f"one of {', '.join(Membership.Role.values)}"]})
+    with transaction.atomic():
+        membership, created = Membership.objects.get_or_create(user=user, tenant=tenant, defaults={"role": role})
+        if not created and membership.role != role:
+            before = snapshot(membership, ["role"])
+            membership.role = role
+            membership.save(update_fields=["role"])
+            audit_record(actor=actor, action="membership.update", obj=membership, tenant=tenant,
+                         before=before, after=snapshot(membership, ["role"]))
+        elif created:
+            audit_record(actor=actor, action="membership.create", obj=membership, tenant=tenant,
+                         after=snapshot(membership, ["user", "tenant", "role"]))
+    return membership
+
+
+def api_token_issue(
+    *, actor: Actor, user: AbstractBaseUser, tenant: Tenant, name: str, expires_at: datetime | None = None
+) -> IssuedToken:
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("A token needs a name.", fields={"name": ["This field is required."]})
+    if len(name) > 100:
+        raise InvalidInput("Token name is too long.", fields={"name": ["At most 100 characters."]})
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput("Expiry must be in the future.", fields={"expires_at": ["must be in the future"]})
+    if not user.is_staff and not Membership.objects.filter(user=user, tenant=tenant).exists():
+        raise PermissionDenied("You are not a member of this tenant.")
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        token = ApiToken.objects.create(
+            user=user, tenant=tenant, name=name, prefix=raw[: len(TOKEN_PREFIX) + 8],
+            key_hash=hash_token(raw), expires_at=expires_at,
+        )
+        audit_record(actor=actor, action="api_token.issue", obj=token, tenant=tenant,
+                     after=snapshot(token, ["name", "prefix", "user", "expires_at"]))
+    return IssuedToken(token=token, raw=raw)
+
+
+def api_token_revoke(*, actor: Actor, token_id: int, tenant: Tenant) -> ApiToken:
+    with transaction.atomic():
+        token = ApiToken.objects.for_tenant(tenant).select_for_update().filter(pk=token_id).first()
+        if token is None:
+            raise NotFound("No such token.")
+        if token.revoked_at is None:
+            before = snapshot(token, ["revoked_at"])
+            token.revoked_at = timezone.now()
+            token.save(update_fields=["revoked_at"])
+            audit_record(actor=actor, action="api_token.revoke", obj=token, tenant=tenant,
+                         before=before, after=snapshot(token, ["revoked_at"]))
+    return token
+
+
+def api_token_touch(*, token: ApiToken) -> None:
+    now = timezone.now()
+    if token.last_used_at and (now - token.last_used_at).total_seconds() < LAST_USED_RESOLUTION_SECONDS:
+        return
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    token.last_used_at = now
+
+
+def user_create(*, username: str, password: str, email: str = "", is_staff: bool = False):
+    User = get_user_model()
+    user = User(username=username, email=email, is_staff=is_staff)
+    user.set_password(password)
+    user.full_clean(exclude=["password"])
+    user.save()
+    return user

@@ -1,0 +1,13 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from marketplace.core import views as core_views
+
+urlpatterns = [
+    path("healthz", core_views.healthz, name="healthz"),
+    path("readyz", core_views.readyz, name="readyz"),
+    path("metrics", core_views.metrics, name="metrics"),
+    path("admin/", admin.site.urls),
+    path("api/", include("marketplace.api.urls")),
+    path("", include("marketplace.web.urls")),
+]
