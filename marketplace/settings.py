@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "marketplace.tenants",
     "marketplace.inventory",
     "marketplace.reservations",
+    "marketplace.pools",
     "marketplace.api",
     "marketplace.web",
 ]
