@@ -49,3 +49,60 @@ KUBERNETES_REQUESTS = Counter(
 SCHEDULER_TASK_SECONDS = Histogram(
     "marketplace_scheduler_task_seconds", "Duration of scheduler tasks.", ["task"], registry=REGISTRY
 )
+SCHEDULER_STEPS = Counter(
+    "marketplace_scheduler_steps_total", "Scheduler event steps (start, end_notice, end) by outcome (done, retry).",
+    ["step", "outcome"], registry=REGISTRY,
+)
+POOL_NODE_SWAPS = Counter(
+    "marketplace_pool_node_swaps_total", "Unhealthy pool nodes, by outcome (swapped, no_free_node).", ["outcome"],
+    registry=REGISTRY,
+)
+
+
+class SchedulerCollector:
+    """Due events overdue, stale claims, and reservations by scheduler state, read at scrape time."""
+
+    @staticmethod
+    def _families():
+        return (
+            GaugeMetricFamily("marketplace_scheduler_events_overdue",
+                              "Due events still pending more than a minute after they were due, by kind.",
+                              labels=["kind"]),
+            GaugeMetricFamily("marketplace_scheduler_reservations",
+                              "Reservations in scheduler-relevant states (provisioning, active, degraded, "
+                              "releasing, failed).", labels=["status"]),
+            GaugeMetricFamily("marketplace_scheduler_open_downtimes", "Pool nodes currently down (not billed)."),
+        )
+
+    def describe(self):
+        yield from self._families()
+
+    def collect(self):
+        from datetime import timedelta
+
+        from django.db.models import Count
+        from django.utils import timezone
+
+        from marketplace.pools.models import Downtime
+        from marketplace.reservations.models import Reservation, ReservationEvent
+
+        overdue, by_status, downtimes = self._families()
+        now = timezone.now()
+        counts = dict(
+            ReservationEvent.objects.filter(status=ReservationEvent.Status.PENDING, due_at__lt=now - timedelta(minutes=1))
+            .values_list("kind").annotate(n=Count("pk")).values_list("kind", "n")
+        )
+        for kind in ReservationEvent.Kind.values:
+            overdue.add_metric([kind], counts.get(kind, 0))
+        statuses = ["provisioning", "active", "degraded", "releasing", "failed"]
+        counts = dict(Reservation.objects.filter(status__in=statuses).values_list("status")
+                      .annotate(n=Count("pk")).values_list("status", "n"))
+        for status in statuses:
+            by_status.add_metric([status], counts.get(status, 0))
+        downtimes.add_metric([], Downtime.objects.filter(ended_at__isnull=True).count())
+        yield overdue
+        yield by_status
+        yield downtimes
+
+
+REGISTRY.register(SchedulerCollector())

@@ -199,6 +199,22 @@ MARKETPLACE = {
     "MAX_DURATION": timedelta(days=env.int("MARKETPLACE_MAX_DURATION_DAYS", default=90)),
     "MAX_LEAD_TIME": timedelta(days=env.int("MARKETPLACE_MAX_LEAD_TIME_DAYS", default=180)),
     "DEFAULT_CURRENCY": env.str("MARKETPLACE_DEFAULT_CURRENCY", default="USD"),
+    # --- Scheduler (node pools) ---
+    # A pool is provisioned this long before its window starts (the start event's due_at).
+    "PROVISION_LEAD_TIME": timedelta(minutes=env.int("MARKETPLACE_PROVISION_LEAD_MINUTES", default=10)),
+    # The tenant is told this long before the end that its pool will be drained.
+    "END_NOTICE_LEAD_TIME": timedelta(minutes=env.int("MARKETPLACE_END_NOTICE_LEAD_MINUTES", default=30)),
+    # Beat: due events are swept this often; the full level-based reconcile runs this often.
+    "EVENT_SWEEP_INTERVAL": timedelta(seconds=env.int("MARKETPLACE_EVENT_SWEEP_SECONDS", default=5)),
+    "RECONCILE_INTERVAL": timedelta(seconds=env.int("MARKETPLACE_RECONCILE_SECONDS", default=180)),
+    # A claimed event (or a pool lease) whose worker died is claimed again after this long.
+    "CLAIM_TIMEOUT": timedelta(seconds=env.int("MARKETPLACE_CLAIM_TIMEOUT_SECONDS", default=300)),
+    # Provisioning is retried with exponential backoff, at most this many times, then fails.
+    "PROVISION_MAX_ATTEMPTS": env.int("MARKETPLACE_PROVISION_MAX_ATTEMPTS", default=5),
+    "RETRY_BACKOFF": timedelta(seconds=env.int("MARKETPLACE_RETRY_BACKOFF_SECONDS", default=15)),
+    "RETRY_BACKOFF_MAX": timedelta(seconds=env.int("MARKETPLACE_RETRY_BACKOFF_MAX_SECONDS", default=600)),
+    # Tenant pods still running this long after the drain began are force-deleted.
+    "DRAIN_GRACE_PERIOD": timedelta(seconds=env.int("MARKETPLACE_DRAIN_GRACE_SECONDS", default=300)),
 }
 
 # /metrics is open on loopback; elsewhere it needs this bearer token or an allowed network.

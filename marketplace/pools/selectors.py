@@ -1,0 +1,177 @@
+"""Reads for the scheduler and for the pool pages: pool nodes, tenant GPUs per cluster, swap
+candidates, what to reconcile, scheduler health, and what a tenant sees of its pool."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db.models import Exists, OuterRef, Q, Sum
+
+from marketplace.inventory.models import MaintenanceWindow, Node
+from marketplace.pools.models import Downtime, PlannedOperation, Pool, PoolNotice, SchedulerAttempt
+from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
+from marketplace.reservations.status import ON_CLUSTER, ReservationStatus as S
+
+
+def scheduler_setting(key: str):
+    return settings.MARKETPLACE[key]
+
+
+def tenant_namespace(tenant_slug: str) -> str:
+    """The tenant's namespace on every cluster; the same rule as ``scheduler.driver.namespace_for``
+    (imports flow from scheduler to marketplace, never back)."""
+    return f"tenant-{tenant_slug}"
+
+
+def pool_allocations(*, reservation_id) -> list[Allocation]:
+    """The allocations whose nodes make up the pool now (state active), with their nodes."""
+    return list(
+        Allocation.objects.filter(reservation_id=reservation_id, state=Allocation.State.ACTIVE)
+        .select_related("node").order_by("node__name")
+    )
+
+
+def pool_node_names_ever(*, reservation_id) -> list[str]:
+    """Every node that was ever part of this pool (for release: unlabel all of them)."""
+    return sorted(set(
+        Allocation.objects.filter(reservation_id=reservation_id).values_list("node__name", flat=True)
+    ))
+
+
+def tenant_cluster_gpus(*, tenant_id, cluster_id, exclude_reservation_id=None) -> int:
+    """GPUs the tenant holds on the cluster: reservations provisioning, active, degraded or releasing."""
+    qs = Reservation.objects.filter(tenant_id=tenant_id, cluster_id=cluster_id, status__in=ON_CLUSTER)
+    if exclude_reservation_id is not None:
+        qs = qs.exclude(pk=exclude_reservation_id)
+    return qs.aggregate(total=Sum("gpus"))["total"] or 0
+
+
+def swap_candidates(*, reservation: Reservation, failed_node: Node, starts_at: datetime, blocked_until: datetime,
+                    limit: int = 10) -> list[Node]:
+    """Free, healthy nodes of the same model and size in the same cluster (same topology domain
+    when the booking asked for one) with nothing allocated or in maintenance in the period."""
+    busy = Allocation.objects.filter(
+        node=OuterRef("pk"), starts_at__lt=blocked_until, blocked_until__gt=starts_at
+    ).exclude(state=Allocation.State.CANCELLED)
+    maintenance = MaintenanceWindow.objects.filter(
+        node=OuterRef("pk"), cancelled_at__isnull=True, starts_at__lt=blocked_until, ends_at__gt=starts_at
+    )
+    qs = (
+        Node.objects.filter(
+            cluster_id=reservation.cluster_id, gpu_model_id=reservation.gpu_model_id,
+            gpu_count=failed_node.gpu_count, status=Node.Status.AVAILABLE,
+        )
+        .exclude(health=Node.Health.UNHEALTHY)
+        .exclude(pk=failed_node.pk)
+        .exclude(Exists(busy))
+        .exclude(Exists(maintenance))
+    )
+    if reservation.same_domain:
+        qs = qs.filter(topology_domain=failed_node.topology_domain)
+    return list(qs.order_by("name")[:limit])
+
+
+def node_is_free(*, node_id, starts_at: datetime, blocked_until: datetime) -> bool:
+    return not Allocation.objects.filter(
+        node_id=node_id, starts_at__lt=blocked_until, blocked_until__gt=starts_at
+    ).exclude(state=Allocation.State.CANCELLED).exists()
+
+
+def reservations_to_reconcile(*, now: datetime) -> list:
+    """Every reservation the level-based reconcile must look at: on the cluster (or meant to be),
+    due to start, or with cluster objects left to clean up."""
+    lead = scheduler_setting("PROVISION_LEAD_TIME")
+    qs = Reservation.objects.filter(
+        Q(status__in=ON_CLUSTER)
+        | Q(status=S.CONFIRMED, starts_at__lte=now + lead)
+        | Q(pool__on_cluster=True)
+    )
+    return list(qs.order_by("starts_at").values_list("pk", flat=True))
+
+
+@dataclass
+class SchedulerHealth:
+    now: datetime
+    overdue_events: list[ReservationEvent]
+    stale_claims: list[ReservationEvent]
+    failed: list[Reservation]
+    degraded: list[Reservation]
+    open_downtimes: list[Downtime]
+    recent_failures: list[SchedulerAttempt]
+    pools_to_clean: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.overdue_events or self.stale_claims or self.failed or self.degraded)
+
+
+def scheduler_health(*, now: datetime, overdue_after: timedelta = timedelta(minutes=1), limit: int = 50) -> SchedulerHealth:
+    claim_timeout = scheduler_setting("CLAIM_TIMEOUT")
+    events = ReservationEvent.objects.select_related("reservation", "reservation__tenant")
+    return SchedulerHealth(
+        now=now,
+        overdue_events=list(events.filter(status=ReservationEvent.Status.PENDING, due_at__lt=now - overdue_after)
+                            .order_by("due_at")[:limit]),
+        stale_claims=list(events.filter(status=ReservationEvent.Status.CLAIMED, claimed_at__lt=now - claim_timeout)
+                          .order_by("claimed_at")[:limit]),
+        failed=list(Reservation.objects.filter(status=S.FAILED).select_related("tenant", "cluster")
+                    .order_by("-status_changed_at")[:limit]),
+        degraded=list(Reservation.objects.filter(status=S.DEGRADED).select_related("tenant", "cluster")
+                      .order_by("-status_changed_at")[:limit]),
+        open_downtimes=list(Downtime.objects.open().select_related("node", "reservation__tenant")[:limit]),
+        recent_failures=list(
+            SchedulerAttempt.objects.filter(at__gte=now - timedelta(days=1))
+            .exclude(outcome=SchedulerAttempt.Outcome.OK).select_related("reservation__tenant")[:limit]
+        ),
+        # Cluster objects of reservations that are over (failed, completed) not yet cleaned up.
+        pools_to_clean=Pool.objects.filter(on_cluster=True).exclude(reservation__status__in=ON_CLUSTER).count(),
+    )
+
+
+@dataclass
+class PoolView:
+    reservation: Reservation
+    namespace: str
+    label_prefix: str
+    allocations: list[Allocation]
+    downtimes: list[Downtime]
+    notices: list[PoolNotice]
+    planned_operations: list[PlannedOperation]
+    plan_only: bool
+
+    @property
+    def node_selector(self) -> dict[str, str]:
+        return {f"{self.label_prefix}/tenant": self.reservation.tenant.slug,
+                f"{self.label_prefix}/pool": self.reservation.pool_name}
+
+    @property
+    def toleration(self) -> dict:
+        return {"key": f"{self.label_prefix}/tenant", "operator": "Equal", "value": self.reservation.tenant.slug,
+                "effect": "NoSchedule"}
+
+
+def pool_for_tenant(*, tenant, reservation_id, operations_limit: int = 500) -> PoolView:
+    """The tenant's view of one reservation's pool; another tenant's reservation does not exist."""
+    reservation = Reservation.objects.for_tenant(tenant).select_related("tenant", "cluster", "gpu_model").get(
+        pk=reservation_id
+    )
+    return pool_view(reservation=reservation, operations_limit=operations_limit)
+
+
+def pool_view(*, reservation: Reservation, operations_limit: int = 500) -> PoolView:
+    plan_only = reservation.cluster.connection == reservation.cluster.Connection.PLAN
+    operations = []
+    if plan_only:
+        operations = list(PlannedOperation.objects.filter(reservation=reservation).order_by("created_at", "id")
+                          [:operations_limit])
+    return PoolView(
+        reservation=reservation,
+        namespace=tenant_namespace(reservation.tenant.slug),
+        label_prefix=scheduler_setting("LABEL_PREFIX"),
+        allocations=list(reservation.allocations.exclude(state=Allocation.State.CANCELLED)
+                         .select_related("node").order_by("starts_at", "node__name")),
+        downtimes=list(reservation.downtimes.select_related("node")),
+        notices=list(reservation.pool_notices.all()),
+        planned_operations=operations,
+        plan_only=plan_only,
+    )

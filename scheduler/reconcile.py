@@ -1,0 +1,407 @@
+"""The scheduler's logic: what each reservation's pool should look like, what the cluster shows,
+and the calls that close the difference.
+
+Every step follows "claim, call, record": a short transaction claims the work (a due event or the
+pool's lease), the cluster driver is called with no transaction open, and a second short
+transaction records the result (``marketplace.pools.services``). Every step is idempotent, so a
+step run twice, concurrently, or again after its worker died leaves the same state.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from marketplace.inventory.models import Node
+from marketplace.metrics import POOL_NODE_SWAPS, SCHEDULER_STEPS
+from marketplace.pools import selectors
+from marketplace.pools import services
+from marketplace.pools.models import SchedulerAttempt
+from marketplace.reservations.models import Reservation, ReservationEvent
+from marketplace.reservations.status import ReservationStatus as S
+from scheduler import manifests
+from scheduler.driver import ClusterDriver, GiveUp, NodeState, PoolSpec, RetryLater, TenantSpec, namespace_for
+from scheduler.drivers import driver_for
+
+log = logging.getLogger(__name__)
+Event = ReservationEvent
+Action = SchedulerAttempt.Action
+Outcome = SchedulerAttempt.Outcome
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one step went: done, or try again after ``retry_in``."""
+
+    done: bool
+    note: str = ""
+    retry_in: timedelta | None = None
+
+    @classmethod
+    def ok(cls, note: str = "") -> "Step":
+        return cls(True, note)
+
+    @classmethod
+    def later(cls, note: str, retry_in: timedelta) -> "Step":
+        return cls(False, note, retry_in)
+
+
+def _prefix() -> str:
+    return settings.MARKETPLACE["LABEL_PREFIX"]
+
+
+def tenant_spec(reservation: Reservation, *, gpus: int) -> TenantSpec:
+    tenant = reservation.tenant
+    return TenantSpec(
+        cluster=reservation.cluster.name, tenant=tenant.slug, group=tenant.group_name,
+        namespace=namespace_for(tenant.slug), gpus=gpus, label_prefix=_prefix(),
+    )
+
+
+def pool_spec(reservation: Reservation, nodes: list[str], *, gpus_per_node: int | None = None) -> PoolSpec:
+    return PoolSpec(
+        cluster=reservation.cluster.name, pool=reservation.pool_name, reservation_id=str(reservation.pk),
+        tenant=reservation.tenant.slug, namespace=namespace_for(reservation.tenant.slug), nodes=tuple(sorted(nodes)),
+        gpus_per_node=gpus_per_node or reservation.gpu_model.gpus_per_node, label_prefix=_prefix(),
+    )
+
+
+def _load(reservation_id) -> Reservation | None:
+    return Reservation.objects.select_related("tenant", "cluster", "gpu_model").filter(pk=reservation_id).first()
+
+
+def _ensure_tenant(driver: ClusterDriver, reservation: Reservation, *, exclude_self: bool = False) -> int:
+    """The tenant's namespace and quota sized to everything it holds on this cluster now."""
+    gpus = selectors.tenant_cluster_gpus(
+        tenant_id=reservation.tenant_id, cluster_id=reservation.cluster_id,
+        exclude_reservation_id=reservation.pk if exclude_self else None,
+    )
+    driver.ensure_tenant(tenant_spec(reservation, gpus=gpus))
+    return gpus
+
+
+# --- Due events -------------------------------------------------------------------------------
+
+def claim_due_events(*, now: datetime | None = None, worker: str = "", on_claimed=None) -> list[services.EventClaim]:
+    return services.event_claim_due(now=now or timezone.now(), worker=worker, on_claimed=on_claimed)
+
+
+def process_event(claim: services.EventClaim) -> str:
+    """Run one claimed event and record how it went. Returns a short outcome for logs and metrics."""
+    event = services.event_for_claim(claim=claim)
+    if event is None:
+        return "not_claimed"  # gone, done, or reclaimed by another worker: nothing for us to do
+    token = uuid.uuid4().hex
+    if not services.pool_lease_acquire(reservation_id=event.reservation_id, token=token, now=timezone.now()):
+        # Another worker is working on this pool right now; look again shortly.
+        services.event_record(claim=claim, now=timezone.now(), done=False, error="pool busy",
+                              retry_in=settings.MARKETPLACE["EVENT_SWEEP_INTERVAL"])
+        return "busy"
+    try:
+        handler = {Event.Kind.START: provision, Event.Kind.END_NOTICE: end_notice, Event.Kind.END: release}[event.kind]
+        try:
+            step = handler(event.reservation_id)
+        except Exception as exc:  # noqa: BLE001 - a bug or a database hiccup must not lose the event
+            log.exception("scheduler step %s of %s failed", event.kind, event.reservation_id)
+            step = Step.later(f"{exc.__class__.__name__}: {exc}", services.retry_delay(event.attempts))
+    finally:
+        services.pool_lease_release(reservation_id=event.reservation_id, token=token)
+    services.event_record(claim=claim, now=timezone.now(), done=step.done, error="" if step.done else step.note,
+                          retry_in=step.retry_in)
+    outcome = "done" if step.done else "retry"
+    SCHEDULER_STEPS.labels(step=event.kind, outcome=outcome).inc()
+    return outcome
+
+
+def run_due_events(*, now: datetime | None = None) -> list[str]:
+    """Claim every due event and process it inline (the management command and tests use this;
+    the beat sweep enqueues each claim as its own task instead)."""
+    return [process_event(claim) for claim in claim_due_events(now=now, worker="inline")]
+
+
+# --- Provision --------------------------------------------------------------------------------
+
+def provision(reservation_id) -> Step:
+    """confirmed → provisioning → active: tenant objects, pool labels and taints, readiness check."""
+    now = timezone.now()
+    reservation = _load(reservation_id)
+    if reservation is None:
+        return Step.ok("gone")
+    if reservation.status == S.PENDING:
+        return Step.later("not confirmed yet", settings.MARKETPLACE["RETRY_BACKOFF"])
+    if reservation.status == S.CONFIRMED and reservation.ends_at <= now:
+        services.reservation_fail(reservation_id=reservation_id, now=now,
+                                  reason="The window ended before the pool could be provisioned.")
+        cleanup(reservation_id)
+        return Step.ok("window over")
+    if services.reservation_provision_begin(reservation_id=reservation_id, now=now) is None:
+        return Step.ok(f"nothing to do: {reservation.status}")
+    reservation = _load(reservation_id)
+    driver = driver_for(reservation.cluster)
+    nodes = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
+    spec = pool_spec(reservation, nodes)
+    try:
+        _ensure_tenant(driver, reservation)
+        driver.apply_pool(spec)
+        result = driver.check_pool(spec)
+    except GiveUp as exc:
+        return _give_up(reservation_id, f"Provisioning gave up: {exc}")
+    except RetryLater as exc:
+        return _provision_problem(reservation_id, f"Cluster busy or unreachable: {exc}")
+    if result.passed:
+        services.reservation_provision_record_ready(
+            reservation_id=reservation_id, readiness=result.as_json(), passed_at=result.checked_at, now=timezone.now()
+        )
+        return Step.ok("active")
+    return _provision_problem(reservation_id, "Readiness check failed: " + "; ".join(result.problems),
+                              readiness=result.as_json())
+
+
+def _provision_problem(reservation_id, message: str, readiness: dict | None = None) -> Step:
+    attempts = services.reservation_provision_record_problem(
+        reservation_id=reservation_id, message=message, readiness=readiness, now=timezone.now()
+    )
+    if attempts >= settings.MARKETPLACE["PROVISION_MAX_ATTEMPTS"]:
+        return _give_up(reservation_id, f"{message} (gave up after {attempts} attempts)")
+    return Step.later(message, services.retry_delay(attempts))
+
+
+def _give_up(reservation_id, reason: str) -> Step:
+    services.reservation_fail(reservation_id=reservation_id, reason=reason, now=timezone.now())
+    cleanup(reservation_id)
+    return Step.ok(reason)
+
+
+def cleanup(reservation_id) -> bool:
+    """Remove what a reservation that is over (failed, or released) left on the cluster: its pool
+    labels and taint, and its share of the tenant's quota. Leaves the pool marked on the cluster
+    if the cluster cannot be reached, so the next reconcile tries again."""
+    reservation = _load(reservation_id)
+    if reservation is None or reservation.status in (S.PROVISIONING, S.ACTIVE, S.DEGRADED, S.RELEASING):
+        return False
+    driver = driver_for(reservation.cluster)
+    try:
+        _unlabel_existing(driver, reservation, selectors.pool_node_names_ever(reservation_id=reservation_id))
+        _ensure_tenant(driver, reservation, exclude_self=True)
+    except (RetryLater, GiveUp) as exc:
+        services.scheduler_attempt_record(reservation_id=reservation_id, action=Action.CLEANUP, outcome=Outcome.RETRY,
+                                          message=f"Cleanup failed: {exc}", now=timezone.now())
+        return False
+    return services.pool_record_cleaned(reservation_id=reservation_id, now=timezone.now())
+
+
+def _existing(driver: ClusterDriver, names: list[str]) -> dict[str, NodeState]:
+    if not names:
+        return {}
+    return {name: state for name, state in driver.observe_nodes(list(names)).items() if state.exists}
+
+
+def _unlabel_existing(driver: ClusterDriver, reservation: Reservation, names: list[str]) -> None:
+    existing = _existing(driver, names)
+    if existing:
+        driver.unlabel_pool(pool_spec(reservation, list(existing)))
+
+
+# --- Notice before the end --------------------------------------------------------------------
+
+def end_notice(reservation_id) -> Step:
+    notice = services.reservation_end_notice_record(reservation_id=reservation_id, now=timezone.now())
+    if notice is None:
+        return Step.ok("pool not running: no notice")
+    if notice.posted_to_cluster_at is not None:
+        return Step.ok("already posted")
+    reservation = _load(reservation_id)
+    driver = driver_for(reservation.cluster)
+    try:
+        driver.post_event(namespace=namespace_for(reservation.tenant.slug), name=f"{reservation.pool_name}.end-notice",
+                          reason="ReservationEndingSoon", message=notice.message)
+    except RetryLater as exc:
+        return Step.later(f"Could not post the notice event: {exc}", settings.MARKETPLACE["RETRY_BACKOFF"])
+    except GiveUp as exc:
+        services.scheduler_attempt_record(reservation_id=reservation_id, action=Action.NOTICE, outcome=Outcome.GAVE_UP,
+                                          message=f"Notice recorded but not posted to the cluster: {exc}",
+                                          now=timezone.now())
+        return Step.ok("recorded, not posted")
+    services.pool_notice_mark_posted(notice_id=notice.pk, now=timezone.now())
+    return Step.ok("posted")
+
+
+# --- Release ----------------------------------------------------------------------------------
+
+def release(reservation_id) -> Step:
+    """active/degraded → releasing → completed: drain (force after the grace period), unlabel,
+    shrink the tenant's quota (0 deletes its namespace objects), allocations released."""
+    now = timezone.now()
+    reservation = _load(reservation_id)
+    if reservation is None:
+        return Step.ok("gone")
+    if reservation.status in (S.CONFIRMED, S.PENDING):
+        services.reservation_fail(reservation_id=reservation_id, now=now,
+                                  reason="The window ended before the pool was provisioned.")
+        cleanup(reservation_id)
+        return Step.ok("never provisioned")
+    if services.reservation_release_begin(reservation_id=reservation_id, now=now) is None:
+        if reservation.status in (S.FAILED, S.COMPLETED, S.CANCELLED):
+            cleanup(reservation_id)  # no-op unless something was left on the cluster
+        return Step.ok(f"nothing to do: {reservation.status}")
+    reservation = _load(reservation_id)
+    driver = driver_for(reservation.cluster)
+    drain_started = services.pool_drain_started_at(reservation_id=reservation_id) or now
+    grace = settings.MARKETPLACE["DRAIN_GRACE_PERIOD"]
+    force = timezone.now() >= drain_started + grace
+    try:
+        current = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
+        existing = _existing(driver, current)
+        if existing:
+            remaining = driver.drain_pool(pool_spec(reservation, list(existing)), force=force)
+            if remaining:
+                message = f"{remaining} tenant pods still running; " + (
+                    "deleted with force, checking again" if force else f"forcing after {grace}"
+                )
+                services.scheduler_attempt_record(reservation_id=reservation_id, action=Action.RELEASE,
+                                                  outcome=Outcome.RETRY, message=message, now=timezone.now())
+                wait = max(min(drain_started + grace - timezone.now(), settings.MARKETPLACE["RETRY_BACKOFF"]),
+                           timedelta(seconds=1))
+                return Step.later(message, wait)
+        _unlabel_existing(driver, reservation, selectors.pool_node_names_ever(reservation_id=reservation_id))
+        _ensure_tenant(driver, reservation, exclude_self=True)
+    except (RetryLater, GiveUp) as exc:
+        # A release must finish: retry (with backoff) whatever the error; ops see it meanwhile.
+        outcome = Outcome.RETRY if isinstance(exc, RetryLater) else Outcome.GAVE_UP
+        services.scheduler_attempt_record(reservation_id=reservation_id, action=Action.RELEASE, outcome=outcome,
+                                          message=f"Release step failed: {exc}", now=timezone.now())
+        return Step.later(str(exc), settings.MARKETPLACE["RETRY_BACKOFF_MAX"] if isinstance(exc, GiveUp)
+                          else settings.MARKETPLACE["RETRY_BACKOFF"])
+    services.reservation_release_record_done(reservation_id=reservation_id, now=timezone.now())
+    return Step.ok("completed")
+
+
+# --- Level-based reconcile --------------------------------------------------------------------
+
+def reconcile_reservation(reservation_id) -> str:
+    """Bring one reservation's pool to its desired state. Safe to run any time, twice, or
+    concurrently with the event steps (the pool lease lets one worker at a time call the cluster)."""
+    now = timezone.now()
+    reservation = _load(reservation_id)
+    if reservation is None:
+        return "gone"
+    status = reservation.status
+    # Transitional work is done by the due events; make sure each one exists and is live (a claim
+    # whose worker died is put back to pending, so the next sweep finishes the job).
+    if status in (S.CONFIRMED, S.PROVISIONING):
+        services.reservation_events_ensure(reservation_id=reservation_id, kinds=[Event.Kind.START], now=now)
+    elif status == S.RELEASING or (status in (S.ACTIVE, S.DEGRADED) and reservation.ends_at <= now):
+        services.reservation_events_ensure(reservation_id=reservation_id, kinds=[Event.Kind.END], now=now)
+    if status in (S.ACTIVE, S.DEGRADED) and reservation.ends_at > now:
+        return _with_lease(reservation_id, heal)
+    if status in (S.FAILED, S.COMPLETED, S.CANCELLED):
+        return _with_lease(reservation_id, lambda rid: "cleaned" if cleanup(rid) else "clean")
+    return "events ensured"
+
+
+def _with_lease(reservation_id, work) -> str:
+    token = uuid.uuid4().hex
+    if not services.pool_lease_acquire(reservation_id=reservation_id, token=token, now=timezone.now()):
+        return "busy"
+    try:
+        return work(reservation_id)
+    finally:
+        services.pool_lease_release(reservation_id=reservation_id, token=token)
+
+
+def _node_healthy(driver: ClusterDriver, node: Node, state: NodeState | None) -> tuple[bool, str]:
+    if driver.kind == "plan":
+        # No cluster to observe: the inventory's health (set by ops) is the truth.
+        return node.health != Node.Health.UNHEALTHY, "marked unhealthy in the inventory"
+    if state is None or not state.exists:
+        return False, "node is gone from the cluster"
+    if not state.ready:
+        return False, "node is NotReady"
+    if state.gpus < node.gpu_count:
+        return False, f"node reports {state.gpus} of {node.gpu_count} GPUs"
+    return True, ""
+
+
+def _in_pool(reservation: Reservation, state: NodeState | None) -> bool:
+    """The node carries the pool's labels and taint and is schedulable (no drift)."""
+    if state is None or not state.exists:
+        return False
+    prefix = _prefix()
+    tenant_key = manifests.tenant_label_key(prefix)
+    return (
+        state.labels.get(manifests.pool_label_key(prefix)) == reservation.pool_name
+        and state.labels.get(tenant_key) == reservation.tenant.slug
+        and any(t.get("key") == tenant_key and t.get("value") == reservation.tenant.slug
+                and t.get("effect") == "NoSchedule" for t in state.taints)
+        and not state.unschedulable
+    )
+
+
+def heal(reservation_id) -> str:
+    """Active or degraded pool: observe its nodes; a sick node → degraded + downtime + swap; drift
+    repaired by re-applying the desired state; all healthy and checked → active again."""
+    reservation = _load(reservation_id)
+    if reservation is None or reservation.status not in (S.ACTIVE, S.DEGRADED):
+        return "not running"
+    driver = driver_for(reservation.cluster)
+    allocations = selectors.pool_allocations(reservation_id=reservation_id)
+    try:
+        observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}
+        sick = []
+        for allocation in allocations:
+            healthy, why = _node_healthy(driver, allocation.node, observed.get(allocation.node.name))
+            if not healthy:
+                sick.append((allocation, why))
+        if driver.kind != "plan":
+            sick_ids = {a.node_id for a, _ in sick}
+            services.node_health_record(node_ids=[a.node_id for a in allocations if a.node_id not in sick_ids],
+                                        health=Node.Health.HEALTHY, now=timezone.now())
+            services.node_health_record(node_ids=list(sick_ids), health=Node.Health.UNHEALTHY, now=timezone.now())
+        swapped_out = []
+        for allocation, why in sick:
+            services.reservation_degrade(reservation_id=reservation_id, node_id=allocation.node_id,
+                                         reason=f"{allocation.node.name}: {why}", now=timezone.now())
+            new = services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk,
+                                           now=timezone.now())
+            POOL_NODE_SWAPS.labels(outcome="swapped" if new else "no_free_node").inc()
+            if new is not None:
+                swapped_out.append(allocation.node)
+        # Desired state, re-applied where the cluster differs (drift, or a node just swapped in).
+        _ensure_tenant(driver, reservation)
+        current = selectors.pool_allocations(reservation_id=reservation_id)
+        sick_names = {a.node.name for a, _ in sick}
+        to_apply = [a.node.name for a in current
+                    if a.node.name not in sick_names and not _in_pool(reservation, observed.get(a.node.name))]
+        if to_apply:
+            driver.apply_pool(pool_spec(reservation, to_apply))
+        if swapped_out:
+            _unlabel_existing(driver, reservation, [node.name for node in swapped_out])
+        reservation = _load(reservation_id)
+        if reservation.status == S.DEGRADED:
+            still_sick = {a.node_id for a, _ in sick if a.node.name in {c.node.name for c in current}}
+            healthy_now = [a.node_id for a in current if a.node_id not in still_sick]
+            if not still_sick:
+                result = driver.check_pool(pool_spec(reservation, [a.node.name for a in current]))
+                if result.passed:
+                    services.reservation_recover(
+                        reservation_id=reservation_id, node_ids=None, now=timezone.now(),
+                        resolution="All pool nodes healthy again" + (" (node replaced)" if swapped_out else ""),
+                    )
+                    return "recovered"
+            # Nodes of the pool that are healthy again end their own downtime.
+            services.reservation_recover(reservation_id=reservation_id, node_ids=healthy_now, now=timezone.now(),
+                                         resolution="node healthy again")
+            return "degraded"
+    except (RetryLater, GiveUp) as exc:
+        services.scheduler_attempt_record(reservation_id=reservation_id, action=Action.HEAL, outcome=Outcome.RETRY,
+                                          message=f"Reconcile could not reach the cluster: {exc}", now=timezone.now())
+        return "retry"
+    return "repaired" if to_apply else "in sync"
+
+
+def reconcile_all() -> list:
+    """Every reservation that needs looking at (the beat runs this every few minutes)."""
+    return selectors.reservations_to_reconcile(now=timezone.now())

@@ -1,0 +1,122 @@
+"""The whole lifecycle on the plan-only driver: confirmed → provisioning → active → releasing →
+completed, driven by the due events exactly as the beat sweep drives them."""
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from marketplace.core.models import AuditLog
+from marketplace.pools.models import PlannedOperation, Pool, PoolNotice
+from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
+from scheduler import reconcile
+from tests.scheduler.conftest import book
+
+S = Reservation.Status
+
+
+def _statuses(reservation):
+    return list(
+        AuditLog.objects.filter(object_id=str(reservation.pk), action__startswith="reservation.")
+        .order_by("at", "id").values_list("action", flat=True)
+    )
+
+
+@pytest.mark.django_db
+def test_a_confirmed_reservation_is_provisioned_noticed_and_released(plan_cluster):
+    # given a confirmed reservation of two nodes starting in 30 minutes
+    reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=30))
+    with time_machine.travel(timezone.now(), tick=True) as clock:
+        # when the sweep runs before the lead time: nothing is due
+        assert reconcile.run_due_events() == []
+        # when the start event falls due (10 minutes of lead time)
+        clock.move_to(reservation.starts_at - timedelta(minutes=1))
+        assert reconcile.run_due_events() == ["done"]
+        reservation.refresh_from_db()
+        # then the pool is active, the check (plan only) stored, billing starts at the window start
+        assert reservation.status == S.ACTIVE
+        assert reservation.readiness["passed"] is True and reservation.readiness["plan_only"] is True
+        assert reservation.ready_at == reservation.starts_at
+        patches = PlannedOperation.objects.filter(reservation=reservation, verb="patch", kind="Node")
+        assert patches.count() == 2
+        label = "gpu.marketplace.io/pool"
+        assert all(op.body["metadata"]["labels"][label] == reservation.pool_name for op in patches)
+        assert {op.kind for op in PlannedOperation.objects.filter(namespace=f"tenant-{reservation.tenant.slug}")} >= {
+            "ResourceQuota", "LimitRange", "NetworkPolicy", "Role", "RoleBinding"}
+        quota = PlannedOperation.objects.get(kind="ResourceQuota", verb="apply")
+        assert quota.body["spec"]["hard"]["requests.nvidia.com/gpu"] == "16"
+
+        # when the notice falls due
+        clock.move_to(reservation.ends_at - timedelta(minutes=29))
+        assert reconcile.run_due_events() == ["done"]
+        reservation.refresh_from_db()
+        notice = PoolNotice.objects.get(reservation=reservation)
+        # then it is recorded and posted as an Event in the tenant's namespace
+        assert reservation.end_notice_at is not None and notice.posted_to_cluster_at is not None
+        assert PlannedOperation.objects.filter(kind="Event", namespace=f"tenant-{reservation.tenant.slug}").count() == 1
+
+        # when the end falls due
+        clock.move_to(reservation.ends_at + timedelta(seconds=1))
+        assert reconcile.run_due_events() == ["done"]
+    reservation.refresh_from_db()
+    # then the pool is drained, unlabelled, the namespace objects deleted, the nodes released
+    assert reservation.status == S.COMPLETED and reservation.released_at is not None
+    assert set(reservation.allocations.values_list("state", flat=True)) == {Allocation.State.RELEASED}
+    assert PlannedOperation.objects.filter(reservation=reservation, verb="evict").count() == 2
+    releases = [op for op in PlannedOperation.objects.filter(reservation=reservation, kind="Node", verb="patch")
+                if op.body.get("metadata", {}).get("labels", {}).get("gpu.marketplace.io/pool", "x") is None]
+    assert len(releases) == 2
+    assert PlannedOperation.objects.filter(verb="delete", kind="Namespace").count() == 1
+    assert not Pool.objects.get(pk=reservation.pk).on_cluster
+    assert set(ReservationEvent.objects.filter(reservation=reservation).values_list("status", flat=True)) == {"done"}
+    # and every state change went through the transition table into the audit log
+    assert _statuses(reservation) == [
+        "reservation.provisioning", "reservation.ready", "reservation.active", "reservation.end_notice",
+        "reservation.releasing", "reservation.released", "reservation.completed",
+    ]
+
+
+@pytest.mark.django_db
+def test_every_step_twice_leaves_the_same_state_and_objects(plan_cluster):
+    # given a reservation whose start is due
+    reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=1))
+    reconcile.run_due_events()
+    snapshot = (PlannedOperation.objects.count(), AuditLog.objects.count())
+    # when every step and the reconcile run again
+    reconcile.provision(reservation.pk)
+    reconcile.reconcile_reservation(reservation.pk)
+    reconcile.reconcile_reservation(reservation.pk)
+    reconcile.provision(reservation.pk)
+    # then nothing changed: no new objects, no new audited changes
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+    assert (PlannedOperation.objects.count(), AuditLog.objects.count()) == snapshot
+    # and releasing twice completes once
+    with time_machine.travel(reservation.ends_at + timedelta(seconds=1)):
+        assert reconcile.release(reservation.pk).note == "completed"
+        operations = PlannedOperation.objects.count()
+        assert reconcile.release(reservation.pk).note == "nothing to do: completed"
+        reconcile.reconcile_reservation(reservation.pk)
+    assert PlannedOperation.objects.count() == operations
+    assert AuditLog.objects.filter(object_id=str(reservation.pk), action="reservation.completed").count() == 1
+
+
+@pytest.mark.django_db
+def test_quota_is_the_sum_of_the_tenants_pools_on_the_cluster(plan_cluster, tenant):
+    # given two reservations of one tenant on one cluster, the first active
+    first = book(tenant=tenant, cluster=plan_cluster, node_count=1, starts_at=timezone.now() + timedelta(minutes=1))
+    reconcile.run_due_events()
+    second = book(tenant=tenant, cluster=plan_cluster, node_count=2, starts_at=timezone.now() + timedelta(minutes=2))
+    # when the second is provisioned
+    reconcile.run_due_events()
+    # then the quota covers both (8 + 16 GPUs)
+    quotas = PlannedOperation.objects.filter(kind="ResourceQuota", verb="apply").order_by("id")
+    assert [q.body["spec"]["hard"]["requests.nvidia.com/gpu"] for q in quotas] == ["8", "24"]
+    # when the first ends, the quota shrinks to the second's 16 GPUs and the namespace stays
+    with time_machine.travel(first.ends_at + timedelta(seconds=1)):
+        reconcile.release(first.pk)
+    assert quotas.last().body["spec"]["hard"]["requests.nvidia.com/gpu"] == "16"
+    assert not PlannedOperation.objects.filter(verb="delete", kind="Namespace").exists()
+    second.refresh_from_db()
+    assert second.status == S.ACTIVE
