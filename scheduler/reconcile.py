@@ -9,13 +9,14 @@ step run twice, concurrently, or again after its worker died leaves the same sta
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.utils import timezone
 
-from marketplace.inventory.models import Node
+from marketplace.inventory.models import Cluster, Node
 from marketplace.metrics import POOL_NODE_SWAPS, SCHEDULER_STEPS
 from marketplace.pools import selectors
 from marketplace.pools import services
@@ -25,6 +26,9 @@ from marketplace.reservations.status import ReservationStatus as S
 from scheduler import manifests
 from scheduler.driver import ClusterDriver, GiveUp, NodeState, PoolSpec, RetryLater, TenantSpec, namespace_for
 from scheduler.drivers import driver_for
+
+# Which driver serves a cluster; a parameter so tests can pass a driver of their own.
+Drivers = Callable[[Cluster], ClusterDriver]
 
 log = logging.getLogger(__name__)
 Event = ReservationEvent
@@ -89,7 +93,7 @@ def claim_due_events(*, now: datetime | None = None, worker: str = "", on_claime
     return services.event_claim_due(now=now or timezone.now(), worker=worker, on_claimed=on_claimed)
 
 
-def process_event(claim: services.EventClaim) -> str:
+def process_event(claim: services.EventClaim, *, drivers: Drivers = driver_for) -> str:
     """Run one claimed event and record how it went. Returns a short outcome for logs and metrics."""
     event = services.event_for_claim(claim=claim)
     if event is None:
@@ -103,7 +107,7 @@ def process_event(claim: services.EventClaim) -> str:
     try:
         handler = {Event.Kind.START: provision, Event.Kind.END_NOTICE: end_notice, Event.Kind.END: release}[event.kind]
         try:
-            step = handler(event.reservation_id)
+            step = handler(event.reservation_id, drivers=drivers)
         except Exception as exc:  # noqa: BLE001 - a bug or a database hiccup must not lose the event
             log.exception("scheduler step %s of %s failed", event.kind, event.reservation_id)
             step = Step.later(f"{exc.__class__.__name__}: {exc}", services.retry_delay(event.attempts))
@@ -116,15 +120,15 @@ def process_event(claim: services.EventClaim) -> str:
     return outcome
 
 
-def run_due_events(*, now: datetime | None = None) -> list[str]:
+def run_due_events(*, now: datetime | None = None, drivers: Drivers = driver_for) -> list[str]:
     """Claim every due event and process it inline (the management command and tests use this;
     the beat sweep enqueues each claim as its own task instead)."""
-    return [process_event(claim) for claim in claim_due_events(now=now, worker="inline")]
+    return [process_event(claim, drivers=drivers) for claim in claim_due_events(now=now, worker="inline")]
 
 
 # --- Provision --------------------------------------------------------------------------------
 
-def provision(reservation_id) -> Step:
+def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     """confirmed → provisioning → active: tenant objects, pool labels and taints, readiness check."""
     now = timezone.now()
     reservation = _load(reservation_id)
@@ -135,12 +139,12 @@ def provision(reservation_id) -> Step:
     if reservation.status == S.CONFIRMED and reservation.ends_at <= now:
         services.reservation_fail(reservation_id=reservation_id, now=now,
                                   reason="The window ended before the pool could be provisioned.")
-        cleanup(reservation_id)
+        cleanup(reservation_id, drivers=drivers)
         return Step.ok("window over")
     if services.reservation_provision_begin(reservation_id=reservation_id, now=now) is None:
         return Step.ok(f"nothing to do: {reservation.status}")
     reservation = _load(reservation_id)
-    driver = driver_for(reservation.cluster)
+    driver = drivers(reservation.cluster)
     nodes = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
     spec = pool_spec(reservation, nodes)
     try:
@@ -148,41 +152,41 @@ def provision(reservation_id) -> Step:
         driver.apply_pool(spec)
         result = driver.check_pool(spec)
     except GiveUp as exc:
-        return _give_up(reservation_id, f"Provisioning gave up: {exc}")
+        return _give_up(reservation_id, f"Provisioning gave up: {exc}", drivers)
     except RetryLater as exc:
-        return _provision_problem(reservation_id, f"Cluster busy or unreachable: {exc}")
+        return _provision_problem(reservation_id, f"Cluster busy or unreachable: {exc}", drivers)
     if result.passed:
         services.reservation_provision_record_ready(
             reservation_id=reservation_id, readiness=result.as_json(), passed_at=result.checked_at, now=timezone.now()
         )
         return Step.ok("active")
-    return _provision_problem(reservation_id, "Readiness check failed: " + "; ".join(result.problems),
+    return _provision_problem(reservation_id, "Readiness check failed: " + "; ".join(result.problems), drivers,
                               readiness=result.as_json())
 
 
-def _provision_problem(reservation_id, message: str, readiness: dict | None = None) -> Step:
+def _provision_problem(reservation_id, message: str, drivers: Drivers, readiness: dict | None = None) -> Step:
     attempts = services.reservation_provision_record_problem(
         reservation_id=reservation_id, message=message, readiness=readiness, now=timezone.now()
     )
     if attempts >= settings.MARKETPLACE["PROVISION_MAX_ATTEMPTS"]:
-        return _give_up(reservation_id, f"{message} (gave up after {attempts} attempts)")
+        return _give_up(reservation_id, f"{message} (gave up after {attempts} attempts)", drivers)
     return Step.later(message, services.retry_delay(attempts))
 
 
-def _give_up(reservation_id, reason: str) -> Step:
+def _give_up(reservation_id, reason: str, drivers: Drivers) -> Step:
     services.reservation_fail(reservation_id=reservation_id, reason=reason, now=timezone.now())
-    cleanup(reservation_id)
+    cleanup(reservation_id, drivers=drivers)
     return Step.ok(reason)
 
 
-def cleanup(reservation_id) -> bool:
+def cleanup(reservation_id, *, drivers: Drivers = driver_for) -> bool:
     """Remove what a reservation that is over (failed, or released) left on the cluster: its pool
     labels and taint, and its share of the tenant's quota. Leaves the pool marked on the cluster
     if the cluster cannot be reached, so the next reconcile tries again."""
     reservation = _load(reservation_id)
     if reservation is None or reservation.status in (S.PROVISIONING, S.ACTIVE, S.DEGRADED, S.RELEASING):
         return False
-    driver = driver_for(reservation.cluster)
+    driver = drivers(reservation.cluster)
     try:
         _unlabel_existing(driver, reservation, selectors.pool_node_names_ever(reservation_id=reservation_id))
         _ensure_tenant(driver, reservation, exclude_self=True)
@@ -207,14 +211,14 @@ def _unlabel_existing(driver: ClusterDriver, reservation: Reservation, names: li
 
 # --- Notice before the end --------------------------------------------------------------------
 
-def end_notice(reservation_id) -> Step:
+def end_notice(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     notice = services.reservation_end_notice_record(reservation_id=reservation_id, now=timezone.now())
     if notice is None:
         return Step.ok("pool not running: no notice")
     if notice.posted_to_cluster_at is not None:
         return Step.ok("already posted")
     reservation = _load(reservation_id)
-    driver = driver_for(reservation.cluster)
+    driver = drivers(reservation.cluster)
     try:
         driver.post_event(namespace=namespace_for(reservation.tenant.slug), name=f"{reservation.pool_name}.end-notice",
                           reason="ReservationEndingSoon", message=notice.message)
@@ -231,7 +235,7 @@ def end_notice(reservation_id) -> Step:
 
 # --- Release ----------------------------------------------------------------------------------
 
-def release(reservation_id) -> Step:
+def release(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     """active/degraded → releasing → completed: drain (force after the grace period), unlabel,
     shrink the tenant's quota (0 deletes its namespace objects), allocations released."""
     now = timezone.now()
@@ -241,14 +245,14 @@ def release(reservation_id) -> Step:
     if reservation.status in (S.CONFIRMED, S.PENDING):
         services.reservation_fail(reservation_id=reservation_id, now=now,
                                   reason="The window ended before the pool was provisioned.")
-        cleanup(reservation_id)
+        cleanup(reservation_id, drivers=drivers)
         return Step.ok("never provisioned")
     if services.reservation_release_begin(reservation_id=reservation_id, now=now) is None:
         if reservation.status in (S.FAILED, S.COMPLETED, S.CANCELLED):
-            cleanup(reservation_id)  # no-op unless something was left on the cluster
+            cleanup(reservation_id, drivers=drivers)  # no-op unless something was left on the cluster
         return Step.ok(f"nothing to do: {reservation.status}")
     reservation = _load(reservation_id)
-    driver = driver_for(reservation.cluster)
+    driver = drivers(reservation.cluster)
     drain_started = services.pool_drain_started_at(reservation_id=reservation_id) or now
     grace = settings.MARKETPLACE["DRAIN_GRACE_PERIOD"]
     force = timezone.now() >= drain_started + grace
@@ -281,7 +285,7 @@ def release(reservation_id) -> Step:
 
 # --- Level-based reconcile --------------------------------------------------------------------
 
-def reconcile_reservation(reservation_id) -> str:
+def reconcile_reservation(reservation_id, *, drivers: Drivers = driver_for) -> str:
     """Bring one reservation's pool to its desired state. Safe to run any time, twice, or
     concurrently with the event steps (the pool lease lets one worker at a time call the cluster)."""
     now = timezone.now()
@@ -296,9 +300,9 @@ def reconcile_reservation(reservation_id) -> str:
     elif status == S.RELEASING or (status in (S.ACTIVE, S.DEGRADED) and reservation.ends_at <= now):
         services.reservation_events_ensure(reservation_id=reservation_id, kinds=[Event.Kind.END], now=now)
     if status in (S.ACTIVE, S.DEGRADED) and reservation.ends_at > now:
-        return _with_lease(reservation_id, heal)
+        return _with_lease(reservation_id, lambda rid: heal(rid, drivers=drivers))
     if status in (S.FAILED, S.COMPLETED, S.CANCELLED):
-        return _with_lease(reservation_id, lambda rid: "cleaned" if cleanup(rid) else "clean")
+        return _with_lease(reservation_id, lambda rid: "cleaned" if cleanup(rid, drivers=drivers) else "clean")
     return "events ensured"
 
 
@@ -340,13 +344,13 @@ def _in_pool(reservation: Reservation, state: NodeState | None) -> bool:
     )
 
 
-def heal(reservation_id) -> str:
+def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
     """Active or degraded pool: observe its nodes; a sick node → degraded + downtime + swap; drift
     repaired by re-applying the desired state; all healthy and checked → active again."""
     reservation = _load(reservation_id)
     if reservation is None or reservation.status not in (S.ACTIVE, S.DEGRADED):
         return "not running"
-    driver = driver_for(reservation.cluster)
+    driver = drivers(reservation.cluster)
     allocations = selectors.pool_allocations(reservation_id=reservation_id)
     try:
         observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}

@@ -47,3 +47,30 @@ def h100():
 @pytest.fixture
 def plan_cluster(db):
     return ClusterFactory(name="plan-east")
+
+
+@pytest.fixture
+def kube_cluster(db):
+    """A cluster row of a real (kubeconfig) cluster; tests serve it with the in-memory driver."""
+    from marketplace.inventory.models import Cluster
+
+    return ClusterFactory(name="kube-east", connection=Cluster.Connection.KUBECONFIG,
+                          kubeconfig_path="/etc/marketplace/kube-east.yaml")
+
+
+@pytest.fixture
+def memory(kube_cluster):
+    """The in-memory cluster plus a ``drivers`` callable for the reconcile functions."""
+    from tests.scheduler.memory_cluster import MemoryCluster
+
+    cluster = MemoryCluster()
+    cluster.drivers = lambda _cluster_row: cluster
+    return cluster
+
+
+def pool_nodes(memory, cluster, count=2, domain="ib-0", spare=0):
+    """Nodes in the inventory and on the in-memory cluster; returns (pool nodes, spare nodes)."""
+    nodes = [NodeFactory(cluster=cluster, topology_domain=domain) for _ in range(count + spare)]
+    for node in nodes:
+        memory.add_node(node.name, node.gpu_count)
+    return nodes[:count], nodes[count:]

@@ -1,0 +1,148 @@
+"""Health and healing: a sick node degrades the reservation, opens a downtime, and is swapped for a
+free node of the same model; drift is repaired by re-applying the desired state."""
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from marketplace.core.models import AuditLog
+from marketplace.inventory.models import Node
+from marketplace.pools.models import Downtime
+from marketplace.reservations.models import Allocation, Reservation
+from scheduler import reconcile
+from tests.factories import NodeFactory
+from tests.scheduler.conftest import book, pool_nodes
+
+S = Reservation.Status
+
+
+def active_pool(memory, cluster, *, count=2, spare=0, same_domain=False, domain="ib-0"):
+    nodes, spares = pool_nodes(memory, cluster, count=count, spare=spare, domain=domain)
+    reservation = book(nodes=nodes, starts_at=timezone.now() - timedelta(minutes=1), same_domain=same_domain)
+    assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+    return reservation, nodes, spares
+
+
+def transitions(reservation):
+    return list(AuditLog.objects.filter(object_id=str(reservation.pk), action__in=[
+        "reservation.degraded", "reservation.active"]).order_by("at", "id").values_list("action", flat=True))
+
+
+@pytest.mark.django_db
+def test_a_notready_node_is_swapped_for_a_free_one(memory, kube_cluster):
+    # given an active pool of two nodes and a free spare of the same model
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    # when a pool node goes NotReady and the reconcile runs
+    memory.nodes[nodes[0].name].ready = False
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    reservation.refresh_from_db()
+    # then the node is unhealthy, the reservation was degraded and is active again with the spare
+    assert Node.objects.get(pk=nodes[0].pk).health == Node.Health.UNHEALTHY
+    assert transitions(reservation) == ["reservation.active", "reservation.degraded", "reservation.active"]
+    assert reservation.status == S.ACTIVE
+    old = reservation.allocations.get(node=nodes[0])
+    new = reservation.allocations.get(node=spare)
+    assert old.state == Allocation.State.REPLACED and old.ends_at <= timezone.now()
+    assert new.state == Allocation.State.ACTIVE and new.ends_at == reservation.ends_at
+    # and the spare carries the pool's labels and taint; the sick node no longer does
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+    # and the downtime (not billed) is recorded and closed
+    downtime = Downtime.objects.get(reservation=reservation)
+    assert downtime.node_id == nodes[0].pk and downtime.ended_at is not None and "NotReady" in downtime.reason
+
+
+@pytest.mark.django_db
+def test_without_a_free_node_the_downtime_stays_open_until_the_node_recovers(memory, kube_cluster):
+    # given an active pool and no free node anywhere
+    reservation, nodes, _ = active_pool(memory, kube_cluster)
+    with time_machine.travel(timezone.now(), tick=True) as clock:
+        # when a node loses GPUs
+        memory.nodes[nodes[1].name].gpus = 6
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "degraded"
+        # then the reservation stays degraded with an open downtime, even after another reconcile
+        clock.shift(timedelta(minutes=3))
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "degraded"
+        reservation.refresh_from_db()
+        assert reservation.status == S.DEGRADED
+        downtime = Downtime.objects.get(reservation=reservation)
+        assert downtime.ended_at is None and "6 of 8 GPUs" in downtime.reason
+        # when the node is healthy again
+        memory.nodes[nodes[1].name].gpus = 8
+        clock.shift(timedelta(minutes=3))
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    reservation.refresh_from_db()
+    downtime.refresh_from_db()
+    # then the downtime is closed after about six minutes and the reservation is active again
+    assert reservation.status == S.ACTIVE
+    assert timedelta(minutes=5) < downtime.ended_at - downtime.started_at < timedelta(minutes=7)
+    assert reservation.allocations.filter(state=Allocation.State.ACTIVE).count() == 2
+
+
+@pytest.mark.django_db
+def test_a_same_domain_pool_only_takes_a_spare_from_its_domain(memory, kube_cluster):
+    # given a same-domain pool in ib-0 and a free spare only in ib-1
+    reservation, nodes, _ = active_pool(memory, kube_cluster, same_domain=True)
+    elsewhere = NodeFactory(cluster=kube_cluster, topology_domain="ib-1")
+    memory.add_node(elsewhere.name)
+    # when a node disappears from the cluster
+    del memory.nodes[nodes[0].name]
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "degraded"
+    # then no swap happened: the spare is in the wrong domain
+    assert not Allocation.objects.filter(node=elsewhere).exists()
+    assert Downtime.objects.get(reservation=reservation).reason.endswith("gone from the cluster")
+    # when a spare appears in the pool's domain, the next reconcile swaps it in
+    spare = NodeFactory(cluster=kube_cluster, topology_domain="ib-0")
+    memory.add_node(spare.name)
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    assert reservation.allocations.get(node=spare).state == Allocation.State.ACTIVE
+
+
+@pytest.mark.django_db
+def test_a_spare_booked_by_someone_else_is_not_taken(memory, kube_cluster):
+    # given an active pool and a spare that another reservation holds right now
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    book(nodes=[spare], starts_at=timezone.now() - timedelta(minutes=5), status=S.ACTIVE, events=False)
+    # when a pool node fails
+    memory.nodes[nodes[0].name].ready = False
+    reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    # then the spare was not double booked
+    assert Allocation.objects.filter(node=spare, state=Allocation.State.ACTIVE).count() == 1
+    reservation.refresh_from_db()
+    assert reservation.status == S.DEGRADED
+
+
+@pytest.mark.django_db
+def test_drift_is_repaired_by_the_next_reconcile(memory, kube_cluster):
+    # given an active pool
+    reservation, nodes, _ = active_pool(memory, kube_cluster)
+    namespace = f"tenant-{reservation.tenant.slug}"
+    # when someone removes a label and a taint by hand, and edits the quota
+    memory.nodes[nodes[0].name].labels.pop("gpu.marketplace.io/pool")
+    memory.nodes[nodes[1].name].taints = []
+    memory.namespaces[namespace]["gpus"] = 999
+    # then the reconcile puts them back
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "repaired"
+    assert memory.pool_members() == {node.name: reservation.pool_name for node in nodes}
+    assert memory.taint_keys(nodes[1].name) == ["gpu.marketplace.io/tenant"]
+    assert memory.namespaces[namespace]["gpus"] == 16
+    # and a reconcile of a pool in sync patches no node
+    patches = memory.calls["apply_pool"]
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "in sync"
+    assert memory.calls["apply_pool"] == patches
+
+
+@pytest.mark.django_db
+def test_plan_only_nodes_follow_the_inventory_health(plan_cluster):
+    # given an active plan-only pool and a free spare
+    nodes = [NodeFactory(cluster=plan_cluster) for _ in range(3)]
+    reservation = book(nodes=nodes[:2], starts_at=timezone.now() - timedelta(minutes=1))
+    reconcile.run_due_events()
+    # when ops mark a pool node unhealthy in the inventory
+    Node.objects.filter(pk=nodes[0].pk).update(health=Node.Health.UNHEALTHY)
+    # then the reconcile swaps in the spare
+    assert reconcile.reconcile_reservation(reservation.pk) == "recovered"
+    assert reservation.allocations.get(node=nodes[2]).state == Allocation.State.ACTIVE
