@@ -258,9 +258,13 @@ def release(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     force = timezone.now() >= drain_started + grace
     try:
         current = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
-        existing = _existing(driver, current)
-        if existing:
-            remaining = driver.drain_pool(pool_spec(reservation, list(existing)), force=force)
+        # Drain the nodes still in the pool. A node already unlabelled was drained before (the
+        # order is drain, then unlabel), and must not be cordoned again: nothing would uncordon it.
+        pool_key = manifests.pool_label_key(_prefix())
+        to_drain = [name for name, state in _existing(driver, current).items()
+                    if driver.kind == "plan" or state.labels.get(pool_key) == reservation.pool_name]
+        if to_drain:
+            remaining = driver.drain_pool(pool_spec(reservation, to_drain), force=force)
             if remaining:
                 message = f"{remaining} tenant pods still running; " + (
                     "deleted with force, checking again" if force else f"forcing after {grace}"
