@@ -36,6 +36,15 @@ class PlannedOperation(models.Model):
                 name="planned_operation_identity",
                 violation_error_message="This operation is already in the plan.",
             ),
+            # NULLs are distinct in a unique constraint: operations that belong to no reservation
+            # (the tenant's namespace objects, events) need their own, or concurrent workers
+            # record the same operation twice.
+            models.UniqueConstraint(
+                fields=["cluster", "verb", "kind", "namespace", "name", "body_hash"],
+                condition=models.Q(reservation__isnull=True),
+                name="planned_operation_identity_clusterwide",
+                violation_error_message="This operation is already in the plan.",
+            ),
         ]
 
     def __str__(self) -> str:
