@@ -3,10 +3,12 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from marketplace.api import catalogue, accounts
+from marketplace.api import pools as pools_api
 
 router = DefaultRouter(trailing_slash=True)
 catalogue.register(router)
 accounts.register(router)
+pools_api.register(router)
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -175,3 +175,43 @@ def pool_view(*, reservation: Reservation, operations_limit: int = 500) -> PoolV
         planned_operations=operations,
         plan_only=plan_only,
     )
+
+
+PLAN_ONLY_LABEL = "plan only — no cluster configured"
+
+
+def usage_instructions(view: PoolView) -> dict:
+    """How to run pods on the pool: the namespace (pods land on the pool by default through its
+    annotations), and the explicit selector and toleration for clusters without those plugins."""
+    cluster = view.reservation.cluster.name
+    ns = view.namespace
+    selector = "\n".join(f"    {key}: {value}" for key, value in view.node_selector.items())
+    toleration = view.toleration
+    group = view.reservation.tenant.group_name
+    return {
+        "kubeconfig": (
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: {cluster}\n  cluster:\n    server: https://<API server of {cluster}, from ops>\n"
+            f"contexts:\n- name: {cluster}-{ns}\n  context:\n    cluster: {cluster}\n    namespace: {ns}\n"
+            f"    user: {group}\n"
+            f"current-context: {cluster}-{ns}\n"
+            f"users:\n- name: {group}\n"
+            "  user:  # your organisation's credentials for this group: OIDC token or client certificate\n"
+            "    token: <token>\n"
+        ),
+        "pod_spec": (
+            "spec:\n  nodeSelector:\n" + selector + "\n  tolerations:\n"
+            f"  - key: {toleration['key']}\n    operator: Equal\n    value: {toleration['value']}\n"
+            "    effect: NoSchedule\n  containers:\n  - name: main\n    image: <your image>\n"
+            "    resources:\n      limits:\n        nvidia.com/gpu: "
+            f"{view.reservation.gpu_model.gpus_per_node}\n"
+        ),
+        "steps": [
+            f"Use namespace {ns} on cluster {cluster}; your group {view.reservation.tenant.group_name} may "
+            "create pods, jobs and deployments there.",
+            "Pods in that namespace land on your pool by default (namespace annotations); add the node "
+            "selector and toleration above to be explicit.",
+            f"The namespace's GPU quota is the sum of your active pools on {cluster}.",
+            "At the end of the window your pods are evicted and the nodes go back to the fleet.",
+        ],
+    }
