@@ -9,6 +9,10 @@ import json
 from scheduler.driver import PoolSpec, TenantSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# The tenant's permissions in its namespace: a ClusterRole shipped in deploy/rbac.yaml, bound per
+# namespace by the RoleBinding below.
+TENANT_CLUSTER_ROLE = "gpu-marketplace-tenant"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
 def pool_label_key(prefix: str) -> str:
@@ -80,7 +84,9 @@ def tenant_objects(spec: TenantSpec) -> list[dict]:
         tenant_namespace(spec),
         {
             "apiVersion": "v1", "kind": "ResourceQuota", "metadata": meta("gpu-quota"),
-            "spec": {"hard": {f"requests.{GPU_RESOURCE}": str(spec.gpus), f"limits.{GPU_RESOURCE}": str(spec.gpus)}},
+            # Extended resources are quota'd on requests only (the API server never counts a
+            # limits.<extended> entry: extended resources cannot be overcommitted).
+            "spec": {"hard": {f"requests.{GPU_RESOURCE}": str(spec.gpus)}},
         },
         {
             "apiVersion": "v1", "kind": "LimitRange", "metadata": meta("defaults"),
@@ -93,17 +99,73 @@ def tenant_objects(spec: TenantSpec) -> list[dict]:
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {}}]}]},
         },
         {
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta("tenant"),
-            "rules": [
-                {"apiGroups": ["", "apps", "batch"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
-                 "resources": ["pods", "pods/log", "pods/exec", "services", "configmaps", "secrets",
-                               "persistentvolumeclaims", "deployments", "statefulsets", "jobs", "cronjobs"]},
-                {"apiGroups": [""], "verbs": ["get", "list", "watch"], "resources": ["events", "resourcequotas"]},
-            ],
-        },
-        {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta("tenant"),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant"},
+            # The tenant's permissions are one ClusterRole (deploy/rbac.yaml), granted inside this
+            # namespace only by this RoleBinding. A per-namespace Role would need the scheduler to
+            # hold every permission in it, or the "escalate" verb on roles, which would let it
+            # write itself any permission in any namespace; "bind" on this one ClusterRole is all
+            # it needs instead.
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TENANT_CLUSTER_ROLE},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": spec.group}],
         },
     ]
+
+
+def pool_label_selector(spec: PoolSpec) -> str:
+    """Selects the nodes currently labelled for this pool (one LIST instead of a GET per node)."""
+    return f"{pool_label_key(spec.label_prefix)}={spec.pool}"
+
+
+def node_in_pool(node: dict, spec: PoolSpec) -> bool:
+    """True when a Node object already carries the pool's labels and taint and is schedulable,
+    so applying the pool again needs no PATCH."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    node_spec = node.get("spec") or {}
+    ours = [t for t in node_spec.get("taints") or [] if t.get("key") == tenant_label_key(spec.label_prefix)]
+    wanted = pool_taint(spec)
+    return (
+        all(labels.get(key) == value for key, value in pool_labels(spec).items())
+        and len(ours) == 1 and {k: ours[0].get(k) for k in wanted} == wanted
+        and not node_spec.get("unschedulable", False)
+    )
+
+
+def node_belongs_to_pool(node: dict, spec: PoolSpec) -> bool:
+    """Whether release may touch this node: its pool label is still this pool's, or the label is
+    gone (removed by hand) from a node of this pool that carries nothing of another tenant. A node
+    already handed to the next pool is left alone."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    pool = labels.get(pool_label_key(spec.label_prefix))
+    if pool is not None:
+        return pool == spec.pool
+    if node["metadata"]["name"] not in spec.nodes:
+        return False
+    tenant_key = tenant_label_key(spec.label_prefix)
+    taint_values = {t.get("value") for t in (node.get("spec") or {}).get("taints") or [] if t.get("key") == tenant_key}
+    return labels.get(tenant_key, spec.tenant) == spec.tenant and taint_values <= {spec.tenant}
+
+
+def node_has_pool_marks(node: dict, spec: PoolSpec) -> bool:
+    """Anything release has to undo: our labels, our taint, or a cordon."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    node_spec = node.get("spec") or {}
+    tenant_key = tenant_label_key(spec.label_prefix)
+    return (
+        any(key in labels for key in pool_labels(spec))
+        or any(t.get("key") == tenant_key for t in node_spec.get("taints") or [])
+        or bool(node_spec.get("unschedulable", False))
+    )
+
+
+def event_object(*, namespace: str, name: str, reason: str, message: str, timestamp: str) -> dict:
+    """A core/v1 Event about the tenant's namespace. The API server requires the involved object's
+    namespace to equal the event's namespace, so the Namespace is referenced with it."""
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "Namespace", "name": namespace, "namespace": namespace},
+        "reason": reason, "message": message[:1024], "type": "Normal",
+        "firstTimestamp": timestamp, "lastTimestamp": timestamp, "count": 1,
+        "source": {"component": "gpu-marketplace-scheduler"},
+        "reportingComponent": "gpu-marketplace-scheduler", "reportingInstance": "gpu-marketplace-scheduler",
+    }

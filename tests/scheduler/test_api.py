@@ -9,7 +9,7 @@ from django.utils import timezone
 from marketplace.reservations.models import Reservation, ReservationEvent
 from scheduler import reconcile
 from tests.factories import MembershipFactory, NodeFactory
-from tests.scheduler.conftest import book
+from tests.scheduler.helpers import book, plan_cluster  # noqa: F401 - fixtures
 
 S = Reservation.Status
 

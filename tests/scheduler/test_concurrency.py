@@ -14,7 +14,7 @@ from marketplace.pools.models import PlannedOperation
 from marketplace.reservations.models import Reservation
 from scheduler import reconcile
 from tests.factories import ClusterFactory
-from tests.scheduler.conftest import book
+from tests.scheduler.helpers import book
 
 S = Reservation.Status
 

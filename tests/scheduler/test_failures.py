@@ -14,7 +14,7 @@ from marketplace.pools.models import Pool, SchedulerAttempt
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from scheduler import reconcile
 from scheduler.driver import GiveUp, RetryLater
-from tests.scheduler.conftest import book, pool_nodes
+from tests.scheduler.helpers import book, kube_cluster, memory, pool_nodes  # noqa: F401 - fixtures
 
 S = Reservation.Status
 Kind = ReservationEvent.Kind

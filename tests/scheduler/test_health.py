@@ -13,7 +13,7 @@ from marketplace.pools.models import Downtime
 from marketplace.reservations.models import Allocation, Reservation
 from scheduler import reconcile
 from tests.factories import NodeFactory
-from tests.scheduler.conftest import book, pool_nodes
+from tests.scheduler.helpers import book, kube_cluster, memory, plan_cluster, pool_nodes  # noqa: F401 - fixtures
 
 S = Reservation.Status
 

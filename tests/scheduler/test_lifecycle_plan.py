@@ -11,7 +11,7 @@ from marketplace.core.models import AuditLog
 from marketplace.pools.models import PlannedOperation, Pool, PoolNotice
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from scheduler import reconcile
-from tests.scheduler.conftest import book
+from tests.scheduler.helpers import book, plan_cluster  # noqa: F401 - fixtures
 
 S = Reservation.Status
 
@@ -43,7 +43,7 @@ def test_a_confirmed_reservation_is_provisioned_noticed_and_released(plan_cluste
         label = "gpu.marketplace.io/pool"
         assert all(op.body["metadata"]["labels"][label] == reservation.pool_name for op in patches)
         assert {op.kind for op in PlannedOperation.objects.filter(namespace=f"tenant-{reservation.tenant.slug}")} >= {
-            "ResourceQuota", "LimitRange", "NetworkPolicy", "Role", "RoleBinding"}
+            "ResourceQuota", "LimitRange", "NetworkPolicy", "RoleBinding"}
         quota = PlannedOperation.objects.get(kind="ResourceQuota", verb="apply")
         assert quota.body["spec"]["hard"]["requests.nvidia.com/gpu"] == "16"
 

@@ -12,7 +12,7 @@ from marketplace.core.models import AuditLog
 from marketplace.pools import services
 from marketplace.reservations.models import Reservation, ReservationEvent
 from scheduler import reconcile
-from tests.scheduler.conftest import book, pool_nodes
+from tests.scheduler.helpers import book, kube_cluster, memory, pool_nodes  # noqa: F401 - fixtures
 from tests.scheduler.memory_cluster import Pod
 
 S = Reservation.Status

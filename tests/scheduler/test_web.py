@@ -9,7 +9,7 @@ from marketplace.pools import services
 from marketplace.reservations.models import Reservation
 from scheduler import reconcile
 from tests.factories import MembershipFactory
-from tests.scheduler.conftest import book
+from tests.scheduler.helpers import book, plan_cluster  # noqa: F401 - fixtures
 
 S = Reservation.Status
 
