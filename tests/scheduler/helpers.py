@@ -75,3 +75,40 @@ def pool_nodes(memory, cluster, count=2, domain="ib-0", spare=0):
     for node in nodes:
         memory.add_node(node.name, node.gpu_count)
     return nodes[:count], nodes[count:]
+
+
+@pytest.fixture
+def fake_server():
+    """The stateful fake Kubernetes API server (tests/k8s_fake), over real HTTP."""
+    from tests.k8s_fake import FakeKube
+
+    fake = FakeKube().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_cluster(db, fake_server, tmp_path):
+    """A registered cluster whose kubeconfig points at the fake API server: the scheduler reaches it
+    through ``driver_for`` → ``KubernetesDriver`` → the real ``kubernetes`` client."""
+    from marketplace.inventory.models import Cluster
+
+    kubeconfig = fake_server.write_kubeconfig(tmp_path / "kubeconfig")
+    return ClusterFactory(name=f"fake-{tmp_path.name[-12:].lower().strip('_-') or 'x'}".replace("_", "-"),
+                          connection=Cluster.Connection.KUBECONFIG, kubeconfig_path=kubeconfig)
+
+
+def server_nodes(fake_server, cluster, count=2, domain="ib-0", spare=0):
+    """Nodes in the inventory and registered on the fake API server; returns (pool, spares)."""
+    nodes = [NodeFactory(cluster=cluster, topology_domain=domain) for _ in range(count + spare)]
+    for node in nodes:
+        fake_server.add_node(node.name, gpus=node.gpu_count)
+    return nodes[:count], nodes[count:]
+
+
+def node_marks(fake_server, name, prefix="gpu.marketplace.io"):
+    """What of ours is on a Node object on the server: labels, taints, cordon."""
+    node = fake_server.get("nodes", name)
+    labels = {k: v for k, v in node["metadata"].get("labels", {}).items() if k.startswith(prefix)}
+    taints = [t for t in node.get("spec", {}).get("taints") or [] if t["key"].startswith(prefix)]
+    return {"labels": labels, "taints": taints, "unschedulable": bool(node["spec"].get("unschedulable"))}
