@@ -186,6 +186,8 @@ def cleanup(reservation_id, *, drivers: Drivers = driver_for) -> bool:
     reservation = _load(reservation_id)
     if reservation is None or reservation.status in (S.PROVISIONING, S.ACTIVE, S.DEGRADED, S.RELEASING):
         return False
+    if not services.pool_is_on_cluster(reservation_id=reservation_id):
+        return False  # never reached the cluster, or already cleaned up
     driver = drivers(reservation.cluster)
     try:
         _unlabel_existing(driver, reservation, selectors.pool_node_names_ever(reservation_id=reservation_id))

@@ -97,10 +97,13 @@ def event_claim_due(*, now: datetime, worker: str = "", limit: int = 200, on_cla
             if not claimed:
                 continue
             claims.append(EventClaim(pk, f"{worker}:{token}"[-200:]))
-            if status == Event.Status.CLAIMED:
-                # A worker died holding this event: say so in the audit log.
-                audit_record(actor=SCHEDULER, action="reservation_event.reclaimed", obj=Event(pk=pk),
-                             message=f"{kind} event of {reservation_id} reclaimed after the claim timeout")
+            # A claim whose worker died is taken over: the audit log says so.
+            reclaimed = status == Event.Status.CLAIMED
+            audit_record(
+                actor=SCHEDULER, action="reservation_event.reclaimed" if reclaimed else "reservation_event.claimed",
+                obj=Event(pk=pk), before={"status": status}, after={"status": Event.Status.CLAIMED, "by": worker},
+                message=f"{kind} event of {reservation_id}" + (" reclaimed after the claim timeout" if reclaimed else ""),
+            )
         if on_claimed is not None:
             for claim in claims:
                 transaction.on_commit(lambda claim=claim: on_claimed(claim))
@@ -246,12 +249,15 @@ def reservation_provision_record_problem(*, reservation_id, message: str, now: d
                                          readiness: dict | None = None) -> int:
     """A provisioning attempt did not succeed; returns how many attempts have failed so far."""
     with transaction.atomic():
-        pool = Pool.objects.select_for_update().get(pk=reservation_id)
+        pool = Pool.objects.select_for_update().select_related("reservation").get(pk=reservation_id)
         pool.provision_attempts += 1
         pool.last_error = message[:4000]
         pool.save(update_fields=["provision_attempts", "last_error", "updated_at"])
         if readiness is not None:
             Reservation.objects.filter(pk=reservation_id).update(readiness=readiness, updated_at=now)
+        audit_record(actor=SCHEDULER, action="reservation.provision_problem", obj=pool.reservation,
+                     tenant_id=pool.reservation.tenant_id, after={"attempt": pool.provision_attempts,
+                                                                  "problem": message[:500]})
         _attempt(reservation_id=reservation_id, action=SchedulerAttempt.Action.PROVISION,
                  outcome=SchedulerAttempt.Outcome.RETRY, message=message, now=now)
     return pool.provision_attempts
@@ -346,6 +352,10 @@ def reservation_release_begin(*, reservation_id, now: datetime) -> Reservation |
         pool_get_or_create(reservation_id=reservation_id)
         Pool.objects.filter(pk=reservation_id, drain_started_at__isnull=True).update(drain_started_at=now)
     return reservation
+
+
+def pool_is_on_cluster(*, reservation_id) -> bool:
+    return Pool.objects.filter(pk=reservation_id, on_cluster=True).exists()
 
 
 def pool_drain_started_at(*, reservation_id) -> datetime | None:
