@@ -8,6 +8,7 @@ step run twice, concurrently, or again after its worker died leaves the same sta
 """
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,13 +78,28 @@ def _load(reservation_id) -> Reservation | None:
     return Reservation.objects.select_related("tenant", "cluster", "gpu_model").filter(pk=reservation_id).first()
 
 
+TENANT_LEASE_WAIT = 10.0  # seconds to wait for another worker's call on the same tenant's objects
+
+
 def _ensure_tenant(driver: ClusterDriver, reservation: Reservation, *, exclude_self: bool = False) -> int:
-    """The tenant's namespace and quota sized to everything it holds on this cluster now."""
-    gpus = selectors.tenant_cluster_gpus(
-        tenant_id=reservation.tenant_id, cluster_id=reservation.cluster_id,
-        exclude_reservation_id=reservation.pk if exclude_self else None,
-    )
-    driver.ensure_tenant(tenant_spec(reservation, gpus=gpus))
+    """The tenant's namespace and quota sized to everything it holds on this cluster now.
+
+    Under the tenant's lease in this cluster, and the GPUs are counted after it is taken: a
+    release that finds nothing left cannot delete a namespace a concurrent provision relies on
+    (that provision moved its reservation to provisioning before taking the lease)."""
+    token = uuid.uuid4().hex
+    keys = {"tenant_id": reservation.tenant_id, "cluster_id": reservation.cluster_id}
+    deadline = time.monotonic() + TENANT_LEASE_WAIT
+    while not services.tenant_lease_acquire(**keys, token=token, now=timezone.now(),
+                                            ttl=settings.MARKETPLACE["CLAIM_TIMEOUT"]):
+        if time.monotonic() > deadline:
+            raise RetryLater(f"the objects of tenant {reservation.tenant.slug} are being changed by another worker")
+        time.sleep(0.1)
+    try:
+        gpus = selectors.tenant_cluster_gpus(**keys, exclude_reservation_id=reservation.pk if exclude_self else None)
+        driver.ensure_tenant(tenant_spec(reservation, gpus=gpus))
+    finally:
+        services.tenant_lease_release(**keys, token=token)
     return gpus
 
 

@@ -201,3 +201,27 @@ class SchedulerAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.outcome} for {self.reservation_id}"
+
+
+class TenantClusterLease(models.Model):
+    """A short claim on a tenant's objects in one cluster (namespace, quota, policies).
+
+    Pools of one tenant share these objects; whoever sizes the quota (or deletes the namespace
+    when nothing is left) holds this lease for the duration of that one call, so a release that
+    computed "nothing left" cannot delete the namespace that a concurrent provision just made.
+    It is a claim with an expiry, not a database lock: nothing is held open across the call.
+    """
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="+")
+    cluster = models.ForeignKey("inventory.Cluster", on_delete=models.PROTECT, related_name="+")
+    lease_token = models.CharField(max_length=64, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "cluster"], name="tenant_cluster_lease_unique",
+                                    violation_error_message="This tenant already has a lease row in this cluster."),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}@{self.cluster_id}"

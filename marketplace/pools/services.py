@@ -12,7 +12,9 @@ from marketplace.core.exceptions import Conflict, NotFound, PolicyViolation
 from marketplace.core.services import Actor, audit_record
 from marketplace.inventory.models import Cluster, Node
 from marketplace.pools import selectors
-from marketplace.pools.models import Downtime, PlannedOperation, Pool, PoolNotice, SchedulerAttempt
+from marketplace.pools.models import (
+    Downtime, PlannedOperation, Pool, PoolNotice, SchedulerAttempt, TenantClusterLease,
+)
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.services import reservation_transition
 from marketplace.reservations.status import ReservationStatus as S
@@ -203,6 +205,21 @@ def pool_lease_acquire(*, reservation_id, token: str, now: datetime) -> bool:
 
 def pool_lease_release(*, reservation_id, token: str) -> None:
     Pool.objects.filter(pk=reservation_id, lease_token=token).update(lease_token="", lease_until=None)
+
+
+def tenant_lease_acquire(*, tenant_id, cluster_id, token: str, now: datetime, ttl: timedelta) -> bool:
+    """Claim the tenant's objects in a cluster for one call (see ``TenantClusterLease``)."""
+    TenantClusterLease.objects.get_or_create(tenant_id=tenant_id, cluster_id=cluster_id)
+    free = Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_token=token)
+    return bool(TenantClusterLease.objects.filter(free, tenant_id=tenant_id, cluster_id=cluster_id).update(
+        lease_token=token, lease_until=now + ttl
+    ))
+
+
+def tenant_lease_release(*, tenant_id, cluster_id, token: str) -> None:
+    TenantClusterLease.objects.filter(tenant_id=tenant_id, cluster_id=cluster_id, lease_token=token).update(
+        lease_token="", lease_until=None
+    )
 
 
 # --- Provision --------------------------------------------------------------------------------
