@@ -137,7 +137,7 @@ def process_event(claim: services.EventClaim, *, drivers: Drivers = driver_for) 
 
 
 def run_due_events(*, now: datetime | None = None, drivers: Drivers = driver_for) -> list[str]:
-    """Claim every due event and process it inline (the management command and tests use this;
+    """Claim every due event and process it inline (tests and a shell use this;
     the beat sweep enqueues each claim as its own task instead)."""
     return [process_event(claim, drivers=drivers) for claim in claim_due_events(now=now, worker="inline")]
 
@@ -403,6 +403,11 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
                     if a.node.name not in sick_names and not _in_pool(reservation, observed.get(a.node.name))]
         if to_apply:
             driver.apply_pool(pool_spec(reservation, to_apply))
+            if driver.kind != "plan":  # a plan-only cluster has nothing to observe, so no drift to report
+                services.scheduler_attempt_record(
+                    reservation_id=reservation_id, action=Action.HEAL, outcome=Outcome.OK, now=timezone.now(),
+                    message="pool re-applied (drift or new node): " + ", ".join(to_apply[:20]),
+                )
         if swapped_out:
             _unlabel_existing(driver, reservation, [node.name for node in swapped_out])
         reservation = _load(reservation_id)
