@@ -100,3 +100,27 @@ def test_two_workers_releasing_one_pool_at_once_complete_it_once():
     assert reservation.status == S.COMPLETED
     assert audit_counts("reservation.completed") == Counter({str(reservation.pk): 1})
     assert PlannedOperation.objects.filter(kind="Namespace", verb="delete").count() == 1
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_two_pools_racing_for_the_last_spare_node_do_not_double_book_it():
+    # given two active pools of one node each, both nodes failing, and one free spare
+    from marketplace.inventory.models import Node
+    from marketplace.reservations.models import Allocation
+    from tests.factories import NodeFactory
+
+    cluster = ClusterFactory(name="plan-spare-race")
+    first_node, second_node, spare = (NodeFactory(cluster=cluster) for _ in range(3))
+    first = book(nodes=[first_node], starts_at=timezone.now() - timedelta(minutes=1))
+    second = book(nodes=[second_node], starts_at=timezone.now() - timedelta(minutes=1))
+    reconcile.run_due_events()
+    Node.objects.filter(pk__in=[first_node.pk, second_node.pk]).update(health=Node.Health.UNHEALTHY)
+    # when both reconciles try to swap in the spare at the same moment
+    outcomes = run_concurrently(lambda: reconcile.reconcile_reservation(first.pk),
+                                lambda: reconcile.reconcile_reservation(second.pk))
+    # then exactly one got it (the exclusion constraint refused the other), the other stays degraded
+    assert sorted(outcomes) == ["degraded", "recovered"]
+    assert Allocation.objects.filter(node=spare).exclude(state=Allocation.State.CANCELLED).count() == 1
+    assert sorted(Reservation.objects.filter(pk__in=[first.pk, second.pk]).values_list("status", flat=True)) == [
+        S.ACTIVE, S.DEGRADED]

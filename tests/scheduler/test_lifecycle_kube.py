@@ -179,3 +179,26 @@ def test_killed_mid_release_leaves_nothing_orphaned_on_the_server(fake_server, f
     for node in nodes:
         assert node_marks(fake_server, node.name) == {"labels": {}, "taints": [], "unschedulable": False}
     assert fake_server.get("namespaces", namespace) is None
+
+
+@pytest.mark.django_db
+def test_killed_mid_provision_is_finished_on_the_server(fake_server, fake_cluster):
+    # given a start event whose worker made the namespace, labelled one node, and died
+    nodes, _ = server_nodes(fake_server, fake_cluster)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=1))
+    from scheduler.drivers import driver_for
+
+    with time_machine.travel(timezone.now(), tick=True) as clock:
+        reconcile.claim_due_events(worker="doomed")
+        services.reservation_provision_begin(reservation_id=reservation.pk, now=timezone.now())
+        driver = driver_for(fake_cluster)
+        driver.ensure_tenant(reconcile.tenant_spec(reservation, gpus=16))
+        driver.apply_pool(reconcile.pool_spec(reservation, [nodes[0].name]))
+        # when the claim timeout passes and the sweep runs
+        clock.shift(timedelta(minutes=6))
+        assert reconcile.run_due_events() == ["done"]
+    # then the pool is complete on the server and active
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+    for node in nodes:
+        assert node_marks(fake_server, node.name)["labels"][f"{PREFIX}/pool"] == reservation.pool_name
