@@ -230,7 +230,7 @@ def reservation_provision_begin(*, reservation_id, now: datetime) -> Reservation
     Returns the reservation when it is to be provisioned now, None when there is nothing to do.
     """
     with transaction.atomic():
-        reservation = Reservation.objects.select_for_update().select_related("tenant", "cluster").filter(
+        reservation = Reservation.objects.select_for_update().filter(
             pk=reservation_id
         ).first()
         if reservation is None or reservation.status not in (S.CONFIRMED, S.PROVISIONING):
@@ -266,7 +266,7 @@ def reservation_provision_record_problem(*, reservation_id, message: str, now: d
                                          readiness: dict | None = None) -> int:
     """A provisioning attempt did not succeed; returns how many attempts have failed so far."""
     with transaction.atomic():
-        pool = Pool.objects.select_for_update().select_related("reservation").get(pk=reservation_id)
+        pool = Pool.objects.select_for_update(of=("self",)).select_related("reservation").get(pk=reservation_id)
         pool.provision_attempts += 1
         pool.last_error = message[:4000]
         pool.save(update_fields=["provision_attempts", "last_error", "updated_at"])
@@ -308,7 +308,7 @@ def reservation_fail(*, reservation_id, reason: str, now: datetime, actor: Actor
 def pool_record_cleaned(*, reservation_id, now: datetime, action: str = SchedulerAttempt.Action.CLEANUP) -> bool:
     """Labels, taints and the tenant's quota share of a reservation that is over are gone."""
     with transaction.atomic():
-        pool = Pool.objects.select_for_update().select_related("reservation").get(pk=reservation_id)
+        pool = Pool.objects.select_for_update(of=("self",)).select_related("reservation").get(pk=reservation_id)
         if not pool.on_cluster or pool.reservation.status in (S.PROVISIONING, S.ACTIVE, S.DEGRADED):
             return False
         Pool.objects.filter(pk=reservation_id).update(on_cluster=False, cleaned_at=now)
@@ -356,7 +356,7 @@ def pool_notice_mark_posted(*, notice_id, now: datetime) -> None:
 def reservation_release_begin(*, reservation_id, now: datetime) -> Reservation | None:
     """active/degraded (or a provisioning that ran out of window) → releasing; the drain clock starts."""
     with transaction.atomic():
-        reservation = Reservation.objects.select_for_update().select_related("tenant", "cluster").filter(
+        reservation = Reservation.objects.select_for_update().filter(
             pk=reservation_id
         ).first()
         if reservation is None:
