@@ -67,6 +67,9 @@ def _is_subset(desired: Any, actual: Any) -> bool:
 
 
 # The parts of each kind that define it (everything else is metadata or server-owned status).
+# Quota and binding must match exactly (an extra limit or subject added by hand is drift); the
+# others only need our fields, since the API server may fill in defaults.
+_EXACT_KINDS = {"ResourceQuota", "RoleBinding"}
 _BODY_FIELDS = {
     "ResourceQuota": ("spec",), "LimitRange": ("spec",), "NetworkPolicy": ("spec",),
     "Role": ("rules",), "RoleBinding": ("roleRef", "subjects"),
@@ -239,7 +242,9 @@ class KubernetesDriver:
                 except AlreadyExists:
                     continue
             desired_meta = {"labels": desired["metadata"]["labels"]}
-            if _is_subset({f: desired.get(f) for f in fields}, actual) and _is_subset(desired_meta, actual["metadata"]):
+            body = {f: desired.get(f) for f in fields}
+            in_sync = all(actual.get(f) == body[f] for f in fields) if kind in _EXACT_KINDS else _is_subset(body, actual)
+            if in_sync and _is_subset(desired_meta, actual["metadata"]):
                 return
             if kind == "RoleBinding" and not _is_subset(desired["roleRef"], actual.get("roleRef")):
                 # roleRef is immutable: replace the binding.

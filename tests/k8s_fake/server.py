@@ -342,6 +342,7 @@ class FakeKube:
         self.lock = threading.RLock()
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str]] = []  # (method, path with query)
+        self.log_users: list[str] = []  # the bearer token of each logged request, in step with log
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -368,11 +369,11 @@ class FakeKube:
             self._server.server_close()
             self._server = None
 
-    def write_kubeconfig(self, path: str | Path, context: str = "fake") -> str:
+    def write_kubeconfig(self, path: str | Path, context: str = "fake", token: str = "fake-token") -> str:
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": context,
             "clusters": [{"name": context, "cluster": {"server": self.url}}],
-            "users": [{"name": context, "user": {"token": "fake-token"}}],
+            "users": [{"name": context, "user": {"token": token}}],
             "contexts": [{"name": context, "context": {"cluster": context, "user": context}}],
         }
         Path(path).write_text(json.dumps(config))
@@ -395,9 +396,15 @@ class FakeKube:
         with self.lock:
             return sum(1 for m, p in self.log if (method is None or m == method.upper()) and path in p)
 
+    def requests_of(self, token: str) -> list[tuple[str, str]]:
+        """The logged (method, path) of the requests authenticated with ``token``."""
+        with self.lock:
+            return [entry for entry, user in zip(self.log, self.log_users, strict=True) if user == token]
+
     def reset_log(self) -> None:
         with self.lock:
             self.log.clear()
+            self.log_users.clear()
 
     def get(self, plural: str, name: str, namespace: str = "") -> dict | None:
         with self.lock:
@@ -770,6 +777,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         with fake.lock:
             fake.log.append((self.command, self.path))
+            fake.log_users.append((self.headers.get("Authorization") or "").removeprefix("Bearer "))
         fault = fake.take_fault(self.command, split.path)
         if fault is not None and fault.delay:
             time.sleep(fault.delay)

@@ -179,6 +179,29 @@ class TestDriftRepair:
         quota = cluster.read(core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
         assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "16"}
 
+    def test_a_limit_added_to_the_quota_by_hand_is_removed(self, cluster):
+        tenant = cluster.tenant(gpus=16)
+        cluster.driver.ensure_tenant(tenant)
+        core = cluster.api.core
+        cluster.api.call("patch", core.patch_namespaced_resource_quota, "gpu-quota", tenant.namespace,
+                         {"spec": {"hard": {"pods": "5"}}})
+
+        cluster.driver.ensure_tenant(tenant)
+
+        quota = cluster.read(core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
+        assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "16"}
+
+    def test_a_binding_to_another_role_is_replaced(self, cluster, fake_only):
+        # (fake only: roleRef is immutable, so only a delete and re-create by hand could do this)
+        tenant = cluster.tenant()
+        cluster.driver.ensure_tenant(tenant)
+        fake_only.objects[("rolebindings", tenant.namespace, "tenant")]["roleRef"]["name"] = "cluster-admin"
+
+        cluster.driver.ensure_tenant(tenant)
+
+        binding = cluster.read(cluster.api.rbac.read_namespaced_role_binding, "tenant", tenant.namespace)
+        assert binding["roleRef"]["name"] == "gpu-marketplace-tenant"
+
     def test_quota_follows_the_tenants_gpus(self, cluster):
         tenant = cluster.tenant(gpus=16)
         cluster.driver.ensure_tenant(tenant)
