@@ -167,5 +167,4 @@ def event_object(*, namespace: str, name: str, reason: str, message: str, timest
         "reason": reason, "message": message[:1024], "type": "Normal",
         "firstTimestamp": timestamp, "lastTimestamp": timestamp, "count": 1,
         "source": {"component": "gpu-marketplace-scheduler"},
-        "reportingComponent": "gpu-marketplace-scheduler", "reportingInstance": "gpu-marketplace-scheduler",
     }

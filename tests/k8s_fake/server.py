@@ -593,8 +593,7 @@ class FakeKube:
         if not name:
             causes.append({"reason": "FieldValueRequired", "message": "Required value: name or generateName is required",
                            "field": "metadata.name"})
-        elif len(name) > 253 or not _DNS_SUBDOMAIN.match(name) or (
-                kind.kind in ("Namespace", "Pod") and kind.kind == "Namespace" and not _DNS_LABEL.match(name)):
+        elif len(name) > 253 or not _DNS_SUBDOMAIN.match(name) or (kind.kind == "Namespace" and not _DNS_LABEL.match(name)):
             causes.append({"reason": "FieldValueInvalid", "message": f"Invalid value: {name!r}", "field": "metadata.name"})
         for key, value in (meta.get("labels") or {}).items():
             prefix, _, label = key.rpartition("/")
@@ -646,6 +645,12 @@ class FakeKube:
                            {"name": meta["name"], "group": kind.group, "kind": kind.plural})
         for server_field in ("resourceVersion", "uid", "creationTimestamp", "deletionTimestamp"):
             meta.pop(server_field, None)
+        if kind.kind == "Node":
+            # The TaintNodesByCondition admission plugin: a new node is not-ready until the node
+            # controller has seen it Ready (this fake has no controllers: tests remove the taint).
+            taints = body.setdefault("spec", {}).setdefault("taints", [])
+            if not any(t.get("key") == "node.kubernetes.io/not-ready" for t in taints):
+                taints.append({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"})
         # Nodes are registered with their status (that is how a kubelet creates them); other kinds
         # start from an empty one.
         return self._store(kind, body, keep_status=kind.kind == "Node")

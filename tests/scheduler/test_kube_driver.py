@@ -2,6 +2,7 @@
 K8S_TEST_KUBECONFIG), through the real ``kubernetes`` client. Assertions are on the server's objects."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -109,16 +110,53 @@ class TestIdempotence:
         pool = cluster.pool(nodes, tenant)
         cluster.driver.ensure_tenant(tenant)
         cluster.driver.apply_pool(pool)
+        before = {name: cluster.node(name) for name in nodes}
+        writes = cluster.writes()
+
+        cluster.driver.ensure_tenant(tenant)
+        cluster.driver.apply_pool(pool)
+
+        # Nothing was written (on a real cluster controllers may still bump resourceVersions).
+        assert cluster.writes() == writes
+        for name in nodes:
+            after = cluster.node(name)
+            assert after["metadata"]["labels"] == before[name]["metadata"]["labels"]
+            assert taints_of(after) == taints_of(before[name])
+
+    def test_same_resource_versions_after_a_second_apply(self, cluster, fake_only):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(3)]
+        tenant = cluster.tenant()
+        pool = cluster.pool(nodes, tenant)
+        cluster.driver.ensure_tenant(tenant)
+        cluster.driver.apply_pool(pool)
         before = resource_versions(cluster, nodes)
-        quota_rv = cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota",
-                                tenant.namespace)["metadata"]["resourceVersion"]
+        objects_before = {(plural, ns, name): obj["metadata"]["resourceVersion"]
+                          for (plural, ns, name), obj in fake_only.objects.items()}
 
         cluster.driver.ensure_tenant(tenant)
         cluster.driver.apply_pool(pool)
 
         assert resource_versions(cluster, nodes) == before
-        assert cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota",
-                            tenant.namespace)["metadata"]["resourceVersion"] == quota_rv
+        assert {key: obj["metadata"]["resourceVersion"] for key, obj in fake_only.objects.items()} == objects_before
+
+    def test_two_workers_applying_the_same_pool_at_once_end_in_the_same_state(self, cluster):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(6)]
+        tenant = cluster.tenant()
+        pool = cluster.pool(nodes, tenant)
+        second = KubernetesDriver.from_kubeconfig(cluster.kubeconfig, cluster="test", policy=cluster.driver.api.policy)
+
+        with ThreadPoolExecutor(2) as workers:
+            for future in [workers.submit(driver.apply_pool, pool) for driver in (cluster.driver, second)]:
+                future.result()
+            for future in [workers.submit(driver.ensure_tenant, tenant) for driver in (cluster.driver, second)]:
+                future.result()
+        second.api.close()
+
+        for name in nodes:
+            node = cluster.node(name)
+            assert node["metadata"]["labels"][POOL_KEY] == pool.pool
+            assert taints_of(node) == [{"key": TENANT_KEY, "value": tenant.tenant, "effect": "NoSchedule"}]
+        assert cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
 
     def test_second_apply_sends_no_writes(self, cluster, fake_only):
         nodes = [cluster.add_node(f"gpu-{i}") for i in range(4)]
