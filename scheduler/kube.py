@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -113,6 +114,21 @@ class KubeApi:
         return cls(cluster, _api_client(configuration), policy)
 
     @classmethod
+    def from_url(cls, cluster: str, url: str, *, token: str = "", ca_cert: str = "", verify_ssl: bool = True,
+                 policy: RetryPolicy | None = None) -> KubeApi:
+        """A client for an API server URL with an optional bearer token (tests, ad-hoc tools)."""
+        if not url.startswith(("http://", "https://")):
+            raise GiveUp(f"cluster {cluster}: {url!r} is not an http(s) URL")
+        configuration = k8s.Configuration(host=url.rstrip("/"))
+        if token:
+            configuration.api_key = {"authorization": token}
+            configuration.api_key_prefix = {"authorization": "Bearer"}
+        configuration.verify_ssl = verify_ssl
+        if ca_cert:
+            configuration.ssl_ca_cert = ca_cert
+        return cls(cluster, _api_client(configuration), policy)
+
+    @classmethod
     def in_cluster(cls, cluster: str, policy: RetryPolicy | None = None) -> KubeApi:
         configuration = k8s.Configuration()
         try:
@@ -192,6 +208,9 @@ def _api_client(configuration: k8s.Configuration) -> k8s.ApiClient:
     # Retries are ours (bounded, with backoff and metrics); urllib3's own would silently repeat a
     # timed-out GET three more times.
     configuration.retries = False
+    # Room for the driver's thread pool (the default is 5 per CPU; extra connections would be
+    # opened and discarded on every request).
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, 32)
     return k8s.ApiClient(configuration)
 
 
@@ -230,8 +249,6 @@ def api_for(cluster: str, *, connection: str, kubeconfig_path: str = "", context
     mtime = None
     if connection == "kubeconfig":
         try:
-            import os
-
             mtime = os.stat(kubeconfig_path).st_mtime
         except OSError as exc:
             raise GiveUp(f"cluster {cluster}: kubeconfig {kubeconfig_path!r} is not readable: {exc}") from exc

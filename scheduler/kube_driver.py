@@ -97,6 +97,12 @@ class KubernetesDriver:
         """An uncached driver for an explicit kubeconfig (tests, the benchmark)."""
         return cls(KubeApi.from_kubeconfig(cluster, path, context, policy), workers=workers)
 
+    @classmethod
+    def from_url(cls, url: str, *, token: str = "", cluster: str = "default", policy: RetryPolicy | None = None,
+                 workers: int = 8) -> KubernetesDriver:
+        """An uncached driver for an API server URL (tests, ad-hoc tools)."""
+        return cls(KubeApi.from_url(cluster, url, token=token, policy=policy), workers=workers)
+
     # --- helpers --------------------------------------------------------------------------------
     def _each(self, what: str, items: list[T], work: Callable[[T], Any]) -> list[Any]:
         """Run ``work`` for every item on the thread pool; after all ran, raise one error naming

@@ -30,6 +30,16 @@ class TestDriverFor:
         assert driver.observe_nodes(["n1"])["n1"].exists
         assert driver_for(cluster).api is driver.api  # one client per cluster
 
+    def test_a_driver_can_be_built_from_a_url_and_token(self, fake_kube):
+        fake_kube.add_node("n1", gpus=2)
+
+        driver = KubernetesDriver.from_url(fake_kube.url, token="secret")
+
+        assert driver.observe_nodes(["n1"])["n1"].gpus == 2
+        assert fake_kube.requests_of("secret")
+        with pytest.raises(GiveUp, match="not an http"):
+            KubernetesDriver.from_url("localhost:6443")
+
     def test_a_plan_cluster_gets_the_plan_driver(self, db):
         assert isinstance(driver_for(ClusterFactory(name="c1", connection="plan")), PlanDriver)
 
