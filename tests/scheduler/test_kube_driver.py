@@ -510,3 +510,21 @@ class TestErrors:
 
         with pytest.raises(GiveUp):
             cluster.driver.apply_pool(pool)
+
+
+class TestEvictionRefused:
+    def test_an_eviction_a_disruption_budget_refuses_counts_as_remaining_and_is_not_retried(self, cluster, fake_only):
+        node = cluster.add_node("gpu-a")
+        tenant = cluster.tenant()
+        pool = cluster.pool([node], tenant)
+        cluster.driver.ensure_tenant(tenant)
+        cluster.add_pod(tenant.namespace, "guarded", node)
+        fake_only.fail("POST", "/eviction$", 429, times=5)  # what the server answers when a PDB forbids it
+        fake_only.reset_log()
+
+        remaining = cluster.driver.drain_pool(pool, force=False)
+
+        assert remaining == 1
+        assert fake_only.count("POST", "/eviction") == 1
+        assert not cluster.pods(tenant.namespace)[0]["metadata"].get("deletionTimestamp")
+        assert cluster.driver.drain_pool(pool, force=True) == 0
