@@ -154,7 +154,7 @@ class KubeApi:
         kwargs.setdefault("_request_timeout", (policy.connect_timeout, policy.read_timeout))
         kwargs["_preload_content"] = False
         no_retry: set[int] = kwargs.pop("_no_retry", set())
-        what = f"{verb} {getattr(method, '__name__', method)}{args[:2]!r}"
+        what = f"{verb} {getattr(method, '__name__', method)}{args[:2]!r}"[:300]
         for attempt in range(1, policy.attempts + 1):
             retry_after: float | None = None
             try:

@@ -150,7 +150,7 @@ class KubernetesDriver:
             for node in self.api.list_all("list", self.api.core.list_node, label_selector=label_selector):
                 found[_name(node)] = node
         else:
-            for selector in self._hostname_selectors([n for n in wanted if _LABEL_VALUE.match(n)]):
+            for selector in self._hostname_selectors([n for n in wanted if len(n) <= 63 and _LABEL_VALUE.match(n)]):
                 for node in self.api.list_all("list", self.api.core.list_node, label_selector=selector):
                     if _name(node) in wanted:
                         found[_name(node)] = node
@@ -310,7 +310,7 @@ class KubernetesDriver:
                 return None
             return manifests.node_pool_patch(spec, (node.get("spec") or {}).get("taints") or [])
 
-        self._each(f"apply pool {spec.pool}", list(spec.nodes),
+        self._each(f"apply pool {spec.pool}", list(nodes),
                    lambda name: self._patch_node_guarded(name, nodes[name], build))
 
     def check_pool(self, spec: PoolSpec) -> ReadinessResult:

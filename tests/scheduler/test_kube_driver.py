@@ -528,3 +528,13 @@ class TestEvictionRefused:
         assert fake_only.count("POST", "/eviction") == 1
         assert not cluster.pods(tenant.namespace)[0]["metadata"].get("deletionTimestamp")
         assert cluster.driver.drain_pool(pool, force=True) == 0
+
+
+def test_a_node_name_too_long_for_a_label_selector_is_read_by_name(cluster):
+    long_stem = "gpu-" + "x" * 70
+    node = cluster.add_node(long_stem, hostname_label=False)
+    pool = cluster.pool([node, node], cluster.tenant())  # listed twice: patched once
+
+    cluster.driver.apply_pool(pool)
+
+    assert cluster.node(node)["metadata"]["labels"][POOL_KEY] == pool.pool
