@@ -82,9 +82,14 @@ def _status_body(exc: ApiException) -> dict:
 
 
 def _describe(exc: ApiException) -> tuple[str, str]:
-    """(reason, message) of a Kubernetes ``Status`` body, falling back to the HTTP reason."""
+    """(reason, message) of a Kubernetes ``Status`` body, falling back to the HTTP reason. A cause's
+    reason stands in for a 403 caused by a namespace being deleted (``NamespaceTerminating``)."""
     body = _status_body(exc)
-    return body.get("reason") or str(exc.reason or ""), body.get("message") or str(exc.reason or exc.status)
+    reason = body.get("reason") or str(exc.reason or "")
+    causes = (body.get("details") or {}).get("causes") or []
+    if any(isinstance(c, dict) and c.get("reason") == "NamespaceTerminating" for c in causes):
+        reason = "NamespaceTerminating"
+    return reason, body.get("message") or str(exc.reason or exc.status)
 
 
 class KubeApi:
@@ -234,6 +239,8 @@ def _final_error(cluster: str, what: str, status: int, reason: str, message: str
     if status == 409:
         return AlreadyExists(text) if reason == "AlreadyExists" else Conflict(text)
     if status == 410:  # an expired list continue token: start the list again
+        return RetryLater(text)
+    if reason == "NamespaceTerminating":  # creating in a namespace being deleted: works once it is gone
         return RetryLater(text)
     return GiveUp(text)
 

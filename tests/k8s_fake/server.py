@@ -346,6 +346,9 @@ class FakeKube:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
+        # False: a deleted namespace stays Terminating until ``finish_namespace_deletions`` (what the
+        # real namespace controller does over a few seconds); True: it goes at once.
+        self.namespaces_vanish_at_once = True
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> FakeKube:
@@ -450,6 +453,21 @@ class FakeKube:
         with self.lock:
             self.objects.pop(("nodes", "", name), None)
             self._bump_revision()
+
+    def _empty_namespace(self, name: str) -> None:
+        for key in [k for k in self.objects if k[1] == name and k[0] != "namespaces"]:
+            del self.objects[key]
+
+    def finish_namespace_deletions(self) -> int:
+        """What the namespace controller does: empty the Terminating namespaces and remove them."""
+        with self.lock:
+            doomed = [key for key, obj in self.objects.items()
+                      if key[0] == "namespaces" and obj["metadata"].get("deletionTimestamp")]
+            for key in doomed:
+                self._empty_namespace(key[2])
+                del self.objects[key]
+            self._bump_revision()
+            return len(doomed)
 
     def finish_terminations(self) -> int:
         """What kubelets do: remove the pods whose graceful deletion has started."""
@@ -626,7 +644,9 @@ class FakeKube:
             raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
                            {"name": namespace, "kind": "namespaces"})
         if creating and ns["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"unable to create new content in namespace {namespace} because it is being terminated")
+            raise ApiError(403, "Forbidden", f"unable to create new content in namespace {namespace} because it is being terminated",
+                           {"causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                                        "message": f"namespace {namespace} is being terminated"}]})
 
     def _create(self, kind: Kind, namespace: str, body: Any) -> dict:
         if isinstance(body, dict) and not (body.get("metadata") or {}).get("name") and (body.get("metadata") or {}).get("generateName"):
@@ -746,8 +766,14 @@ class FakeKube:
         del self.objects[(kind.plural, namespace, name)]
         self._bump_revision()
         if kind.kind == "Namespace":
-            for key in [k for k in self.objects if k[1] == name and k[0] != "namespaces"]:
-                del self.objects[key]
+            if not self.namespaces_vanish_at_once:
+                self.objects[(kind.plural, namespace, name)] = obj
+                if not obj["metadata"].get("deletionTimestamp"):
+                    obj["metadata"]["deletionTimestamp"] = _now()
+                    obj["status"] = {"phase": "Terminating"}
+                    self._bump(obj)
+                return 200, copy.deepcopy(obj)
+            self._empty_namespace(name)
             gone = copy.deepcopy(obj)
             gone["metadata"]["deletionTimestamp"] = _now()
             gone["status"] = {"phase": "Terminating"}

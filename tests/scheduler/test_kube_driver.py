@@ -80,6 +80,28 @@ class TestProvision:
         # Removing again (already gone / being deleted) is success.
         cluster.driver.ensure_tenant(tenant.__class__(**{**tenant.__dict__, "gpus": 0}))
 
+    def test_a_tenant_coming_back_while_its_namespace_is_being_deleted_is_retry_later(self, cluster, fake_only):
+        fake_only.namespaces_vanish_at_once = False  # like the real namespace controller
+        tenant = cluster.tenant(gpus=8)
+        cluster.driver.ensure_tenant(tenant)
+        cluster.driver.ensure_tenant(tenant.__class__(**{**tenant.__dict__, "gpus": 0}))
+
+        with pytest.raises(RetryLater, match="being deleted"):
+            cluster.driver.ensure_tenant(tenant)
+
+        fake_only.finish_namespace_deletions()
+        cluster.driver.ensure_tenant(tenant)
+        quota = cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
+        assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "8"}
+
+    def test_creating_in_a_namespace_being_deleted_is_retry_later(self, cluster, fake_only):
+        fake_only.namespaces_vanish_at_once = False
+        cluster.ensure_namespace("doomed-" + cluster.uid)
+        cluster.api.call("delete", cluster.api.core.delete_namespace, "doomed-" + cluster.uid)
+
+        with pytest.raises(RetryLater, match="being terminated"):
+            cluster.driver.post_event(namespace="doomed-" + cluster.uid, name="x", reason="R", message="m")
+
     def test_zero_gpus_never_deletes_a_namespace_the_marketplace_does_not_manage(self, cluster):
         tenant = cluster.tenant()
         cluster.ensure_namespace(tenant.namespace)
