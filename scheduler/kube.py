@@ -179,6 +179,19 @@ class KubeApi:
                 else:
                     self._count(verb, _outcome(status))
                     raise _final_error(self.cluster, what, status, reason, message) from exc
+            except AttributeError as exc:
+                # The client turns a TLS failure into ApiException(status=0) without a body, then
+                # fails decoding that body (kubernetes 36): unwrap it.
+                inner = exc.__context__
+                if not (isinstance(inner, ApiException) and not inner.status):
+                    raise
+                self._count(verb, "tls_error")
+                raise GiveUp(f"cluster {self.cluster}: {what}: TLS handshake failed: {inner.reason}") from inner
+            except urllib3.exceptions.SSLError as exc:
+                # A TLS failure (unknown CA, wrong certificate, not TLS at all) is configuration:
+                # repeating the handshake will not fix it.
+                self._count(verb, "tls_error")
+                raise GiveUp(f"cluster {self.cluster}: {what}: TLS handshake failed: {exc}") from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 # Timeouts, refused/reset connections, TLS errors: the request may or may not have
                 # been applied; every call we make is safe to repeat.

@@ -40,6 +40,13 @@ class TestDriverFor:
         with pytest.raises(GiveUp, match="not an http"):
             KubernetesDriver.from_url("localhost:6443")
 
+    def test_a_tls_failure_is_give_up_without_retries(self, fake_kube):
+        # The fake speaks plain HTTP: an https client fails the handshake, as with a wrong CA.
+        driver = KubernetesDriver.from_url(fake_kube.url.replace("http://", "https://"))
+
+        with pytest.raises(GiveUp, match="TLS"):
+            driver.observe_nodes(["n1"])
+
     def test_a_plan_cluster_gets_the_plan_driver(self, db):
         assert isinstance(driver_for(ClusterFactory(name="c1", connection="plan")), PlanDriver)
 
