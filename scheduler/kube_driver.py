@@ -140,20 +140,20 @@ class KubernetesDriver:
     def _read_nodes(self, names: Iterable[str], label_selector: str | None = None) -> dict[str, dict | None]:
         """The named nodes (None for a node that does not exist), read with as few LISTs as possible.
 
-        With ``label_selector`` (the pool's label), one paged LIST; otherwise LISTs selecting the
-        names through the ``kubernetes.io/hostname`` label. Whatever a LIST did not return (a label
-        removed by hand, a hostname that differs from the node name, a node that is gone) is read
-        with a GET."""
+        With ``label_selector`` (the pool's label) first one paged LIST of it; the names it did not
+        return (all of them without a selector) through LISTs selecting them by the
+        ``kubernetes.io/hostname`` label; whatever is still missing (a hostname that differs from
+        the node name, a node that is gone) with a GET."""
         wanted = list(dict.fromkeys(names))
         found: dict[str, dict | None] = {}
         if label_selector is not None:
             for node in self.api.list_all("list", self.api.core.list_node, label_selector=label_selector):
                 found[_name(node)] = node
-        else:
-            for selector in self._hostname_selectors([n for n in wanted if len(n) <= 63 and _LABEL_VALUE.match(n)]):
-                for node in self.api.list_all("list", self.api.core.list_node, label_selector=selector):
-                    if _name(node) in wanted:
-                        found[_name(node)] = node
+        by_hostname = [n for n in wanted if n not in found and len(n) <= 63 and _LABEL_VALUE.match(n)]
+        for selector in self._hostname_selectors(by_hostname):
+            for node in self.api.list_all("list", self.api.core.list_node, label_selector=selector):
+                if _name(node) in wanted:
+                    found[_name(node)] = node
         missing = [name for name in wanted if name not in found]
         for name, node in zip(missing, self._each("read nodes", missing, self._get_node), strict=True):
             found[name] = node
@@ -397,7 +397,11 @@ class KubernetesDriver:
 
     def drain_pool(self, spec: PoolSpec, *, force: bool) -> int:
         nodes = self._release_nodes(spec)
-        to_cordon = [name for name, node in nodes.items() if not (node.get("spec") or {}).get("unschedulable")]
+        # Cordon only nodes still carrying the pool's labels or taint: a drain repeated after the
+        # release must not cordon nodes already back in the idle inventory.
+        to_cordon = [name for name, node in nodes.items()
+                     if manifests.node_has_pool_marks(node, spec, count_cordon=False)
+                     and not (node.get("spec") or {}).get("unschedulable")]
         # No resourceVersion guard needed: this patch touches no list.
         self._each(f"cordon pool {spec.pool}", to_cordon, self._cordon)
         pods = self._tenant_pods(spec.namespace, set(nodes))

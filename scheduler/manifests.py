@@ -146,15 +146,15 @@ def node_belongs_to_pool(node: dict, spec: PoolSpec) -> bool:
     return labels.get(tenant_key, spec.tenant) == spec.tenant and taint_values <= {spec.tenant}
 
 
-def node_has_pool_marks(node: dict, spec: PoolSpec) -> bool:
-    """Anything release has to undo: our labels, our taint, or a cordon."""
+def node_has_pool_marks(node: dict, spec: PoolSpec, count_cordon: bool = True) -> bool:
+    """Anything release has to undo: our labels, our taint, or (``count_cordon``) a cordon."""
     labels = (node.get("metadata") or {}).get("labels") or {}
     node_spec = node.get("spec") or {}
     tenant_key = tenant_label_key(spec.label_prefix)
     return (
         any(key in labels for key in pool_labels(spec))
         or any(t.get("key") == tenant_key for t in node_spec.get("taints") or [])
-        or bool(node_spec.get("unschedulable", False))
+        or (count_cordon and bool(node_spec.get("unschedulable", False)))
     )
 
 

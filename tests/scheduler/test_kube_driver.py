@@ -204,6 +204,33 @@ class TestIdempotence:
         assert fake_only.count("PATCH", "/api/v1/nodes/") == 10
         assert len(fake_only.log) == 11
 
+    def test_releasing_again_costs_a_few_lists_not_a_request_per_node(self, cluster, fake_only):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(8)]
+        pool = cluster.pool(nodes, cluster.tenant())
+        cluster.driver.apply_pool(pool)
+        cluster.driver.drain_pool(pool, force=True)
+        cluster.driver.unlabel_pool(pool)
+        fake_only.reset_log()
+
+        cluster.driver.drain_pool(pool, force=True)
+        cluster.driver.unlabel_pool(pool)
+
+        # per call: the pool-label LIST and one hostname LIST (drain adds the tenant's pod LIST)
+        assert fake_only.count("GET", "/api/v1/nodes?") == 4
+        assert len(fake_only.log) == 5
+        assert fake_only.count("GET", "/api/v1/nodes/") == fake_only.count("PATCH") == 0
+
+    def test_a_drain_repeated_after_release_leaves_the_nodes_schedulable(self, cluster):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(2)]
+        pool = cluster.pool(nodes, cluster.tenant())
+        cluster.driver.apply_pool(pool)
+        cluster.driver.drain_pool(pool, force=True)
+        cluster.driver.unlabel_pool(pool)
+
+        cluster.driver.drain_pool(pool, force=True)  # a late, repeated task
+
+        assert not any(cluster.node(name)["spec"].get("unschedulable") for name in nodes)
+
     def test_a_node_without_the_hostname_label_is_read_by_name(self, cluster):
         odd = cluster.add_node("gpu-odd", hostname_label=False)
         pool = cluster.pool([odd], cluster.tenant())
