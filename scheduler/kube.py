@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -81,9 +82,14 @@ def _status_body(exc: ApiException) -> dict:
 
 
 def _describe(exc: ApiException) -> tuple[str, str]:
-    """(reason, message) of a Kubernetes ``Status`` body, falling back to the HTTP reason."""
+    """(reason, message) of a Kubernetes ``Status`` body, falling back to the HTTP reason. A cause's
+    reason stands in for a 403 caused by a namespace being deleted (``NamespaceTerminating``)."""
     body = _status_body(exc)
-    return body.get("reason") or str(exc.reason or ""), body.get("message") or str(exc.reason or exc.status)
+    reason = body.get("reason") or str(exc.reason or "")
+    causes = (body.get("details") or {}).get("causes") or []
+    if any(isinstance(c, dict) and c.get("reason") == "NamespaceTerminating" for c in causes):
+        reason = "NamespaceTerminating"
+    return reason, body.get("message") or str(exc.reason or exc.status)
 
 
 class KubeApi:
@@ -113,6 +119,21 @@ class KubeApi:
         return cls(cluster, _api_client(configuration), policy)
 
     @classmethod
+    def from_url(cls, cluster: str, url: str, *, token: str = "", ca_cert: str = "", verify_ssl: bool = True,
+                 policy: RetryPolicy | None = None) -> KubeApi:
+        """A client for an API server URL with an optional bearer token (tests, ad-hoc tools)."""
+        if not url.startswith(("http://", "https://")):
+            raise GiveUp(f"cluster {cluster}: {url!r} is not an http(s) URL")
+        configuration = k8s.Configuration(host=url.rstrip("/"))
+        if token:
+            configuration.api_key = {"authorization": token}
+            configuration.api_key_prefix = {"authorization": "Bearer"}
+        configuration.verify_ssl = verify_ssl
+        if ca_cert:
+            configuration.ssl_ca_cert = ca_cert
+        return cls(cluster, _api_client(configuration), policy)
+
+    @classmethod
     def in_cluster(cls, cluster: str, policy: RetryPolicy | None = None) -> KubeApi:
         configuration = k8s.Configuration()
         try:
@@ -138,7 +159,7 @@ class KubeApi:
         kwargs.setdefault("_request_timeout", (policy.connect_timeout, policy.read_timeout))
         kwargs["_preload_content"] = False
         no_retry: set[int] = kwargs.pop("_no_retry", set())
-        what = f"{verb} {getattr(method, '__name__', method)}{args[:2]!r}"
+        what = f"{verb} {getattr(method, '__name__', method)}{args[:2]!r}"[:300]
         for attempt in range(1, policy.attempts + 1):
             retry_after: float | None = None
             try:
@@ -158,6 +179,19 @@ class KubeApi:
                 else:
                     self._count(verb, _outcome(status))
                     raise _final_error(self.cluster, what, status, reason, message) from exc
+            except AttributeError as exc:
+                # The client turns a TLS failure into ApiException(status=0) without a body, then
+                # fails decoding that body (kubernetes 36): unwrap it.
+                inner = exc.__context__
+                if not (isinstance(inner, ApiException) and not inner.status):
+                    raise
+                self._count(verb, "tls_error")
+                raise GiveUp(f"cluster {self.cluster}: {what}: TLS handshake failed: {inner.reason}") from inner
+            except urllib3.exceptions.SSLError as exc:
+                # A TLS failure (unknown CA, wrong certificate, not TLS at all) is configuration:
+                # repeating the handshake will not fix it.
+                self._count(verb, "tls_error")
+                raise GiveUp(f"cluster {self.cluster}: {what}: TLS handshake failed: {exc}") from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 # Timeouts, refused/reset connections, TLS errors: the request may or may not have
                 # been applied; every call we make is safe to repeat.
@@ -192,6 +226,9 @@ def _api_client(configuration: k8s.Configuration) -> k8s.ApiClient:
     # Retries are ours (bounded, with backoff and metrics); urllib3's own would silently repeat a
     # timed-out GET three more times.
     configuration.retries = False
+    # Room for the driver's thread pool (the default is 5 per CPU; extra connections would be
+    # opened and discarded on every request).
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, 32)
     return k8s.ApiClient(configuration)
 
 
@@ -216,6 +253,8 @@ def _final_error(cluster: str, what: str, status: int, reason: str, message: str
         return AlreadyExists(text) if reason == "AlreadyExists" else Conflict(text)
     if status == 410:  # an expired list continue token: start the list again
         return RetryLater(text)
+    if reason == "NamespaceTerminating":  # creating in a namespace being deleted: works once it is gone
+        return RetryLater(text)
     return GiveUp(text)
 
 
@@ -230,8 +269,6 @@ def api_for(cluster: str, *, connection: str, kubeconfig_path: str = "", context
     mtime = None
     if connection == "kubeconfig":
         try:
-            import os
-
             mtime = os.stat(kubeconfig_path).st_mtime
         except OSError as exc:
             raise GiveUp(f"cluster {cluster}: kubeconfig {kubeconfig_path!r} is not readable: {exc}") from exc

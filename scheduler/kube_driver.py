@@ -67,6 +67,9 @@ def _is_subset(desired: Any, actual: Any) -> bool:
 
 
 # The parts of each kind that define it (everything else is metadata or server-owned status).
+# Quota and binding must match exactly (an extra limit or subject added by hand is drift); the
+# others only need our fields, since the API server may fill in defaults.
+_EXACT_KINDS = {"ResourceQuota", "RoleBinding"}
 _BODY_FIELDS = {
     "ResourceQuota": ("spec",), "LimitRange": ("spec",), "NetworkPolicy": ("spec",),
     "Role": ("rules",), "RoleBinding": ("roleRef", "subjects"),
@@ -93,6 +96,12 @@ class KubernetesDriver:
                         policy: RetryPolicy | None = None, workers: int = 8) -> KubernetesDriver:
         """An uncached driver for an explicit kubeconfig (tests, the benchmark)."""
         return cls(KubeApi.from_kubeconfig(cluster, path, context, policy), workers=workers)
+
+    @classmethod
+    def from_url(cls, url: str, *, token: str = "", cluster: str = "default", policy: RetryPolicy | None = None,
+                 workers: int = 8) -> KubernetesDriver:
+        """An uncached driver for an API server URL (tests, ad-hoc tools)."""
+        return cls(KubeApi.from_url(cluster, url, token=token, policy=policy), workers=workers)
 
     # --- helpers --------------------------------------------------------------------------------
     def _each(self, what: str, items: list[T], work: Callable[[T], Any]) -> list[Any]:
@@ -131,20 +140,20 @@ class KubernetesDriver:
     def _read_nodes(self, names: Iterable[str], label_selector: str | None = None) -> dict[str, dict | None]:
         """The named nodes (None for a node that does not exist), read with as few LISTs as possible.
 
-        With ``label_selector`` (the pool's label), one paged LIST; otherwise LISTs selecting the
-        names through the ``kubernetes.io/hostname`` label. Whatever a LIST did not return (a label
-        removed by hand, a hostname that differs from the node name, a node that is gone) is read
-        with a GET."""
+        With ``label_selector`` (the pool's label) first one paged LIST of it; the names it did not
+        return (all of them without a selector) through LISTs selecting them by the
+        ``kubernetes.io/hostname`` label; whatever is still missing (a hostname that differs from
+        the node name, a node that is gone) with a GET."""
         wanted = list(dict.fromkeys(names))
         found: dict[str, dict | None] = {}
         if label_selector is not None:
             for node in self.api.list_all("list", self.api.core.list_node, label_selector=label_selector):
                 found[_name(node)] = node
-        else:
-            for selector in self._hostname_selectors([n for n in wanted if _LABEL_VALUE.match(n)]):
-                for node in self.api.list_all("list", self.api.core.list_node, label_selector=selector):
-                    if _name(node) in wanted:
-                        found[_name(node)] = node
+        by_hostname = [n for n in wanted if n not in found and len(n) <= 63 and _LABEL_VALUE.match(n)]
+        for selector in self._hostname_selectors(by_hostname):
+            for node in self.api.list_all("list", self.api.core.list_node, label_selector=selector):
+                if _name(node) in wanted:
+                    found[_name(node)] = node
         missing = [name for name in wanted if name not in found]
         for name, node in zip(missing, self._each("read nodes", missing, self._get_node), strict=True):
             found[name] = node
@@ -239,7 +248,9 @@ class KubernetesDriver:
                 except AlreadyExists:
                     continue
             desired_meta = {"labels": desired["metadata"]["labels"]}
-            if _is_subset({f: desired.get(f) for f in fields}, actual) and _is_subset(desired_meta, actual["metadata"]):
+            body = {f: desired.get(f) for f in fields}
+            in_sync = all(actual.get(f) == body[f] for f in fields) if kind in _EXACT_KINDS else _is_subset(body, actual)
+            if in_sync and _is_subset(desired_meta, actual["metadata"]):
                 return
             if kind == "RoleBinding" and not _is_subset(desired["roleRef"], actual.get("roleRef")):
                 # roleRef is immutable: replace the binding.
@@ -299,7 +310,7 @@ class KubernetesDriver:
                 return None
             return manifests.node_pool_patch(spec, (node.get("spec") or {}).get("taints") or [])
 
-        self._each(f"apply pool {spec.pool}", list(spec.nodes),
+        self._each(f"apply pool {spec.pool}", list(nodes),
                    lambda name: self._patch_node_guarded(name, nodes[name], build))
 
     def check_pool(self, spec: PoolSpec) -> ReadinessResult:
@@ -386,7 +397,11 @@ class KubernetesDriver:
 
     def drain_pool(self, spec: PoolSpec, *, force: bool) -> int:
         nodes = self._release_nodes(spec)
-        to_cordon = [name for name, node in nodes.items() if not (node.get("spec") or {}).get("unschedulable")]
+        # Cordon only nodes still carrying the pool's labels or taint: a drain repeated after the
+        # release must not cordon nodes already back in the idle inventory.
+        to_cordon = [name for name, node in nodes.items()
+                     if manifests.node_has_pool_marks(node, spec, count_cordon=False)
+                     and not (node.get("spec") or {}).get("unschedulable")]
         # No resourceVersion guard needed: this patch touches no list.
         self._each(f"cordon pool {spec.pool}", to_cordon, self._cordon)
         pods = self._tenant_pods(spec.namespace, set(nodes))

@@ -13,6 +13,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # namespace by the RoleBinding below.
 TENANT_CLUSTER_ROLE = "gpu-marketplace-tenant"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+QUOTA_NAME = "gpu-quota"
 
 
 def pool_label_key(prefix: str) -> str:
@@ -83,7 +84,7 @@ def tenant_objects(spec: TenantSpec) -> list[dict]:
     return [
         tenant_namespace(spec),
         {
-            "apiVersion": "v1", "kind": "ResourceQuota", "metadata": meta("gpu-quota"),
+            "apiVersion": "v1", "kind": "ResourceQuota", "metadata": meta(QUOTA_NAME),
             # Extended resources are quota'd on requests only (the API server never counts a
             # limits.<extended> entry: extended resources cannot be overcommitted).
             "spec": {"hard": {f"requests.{GPU_RESOURCE}": str(spec.gpus)}},
@@ -145,27 +146,27 @@ def node_belongs_to_pool(node: dict, spec: PoolSpec) -> bool:
     return labels.get(tenant_key, spec.tenant) == spec.tenant and taint_values <= {spec.tenant}
 
 
-def node_has_pool_marks(node: dict, spec: PoolSpec) -> bool:
-    """Anything release has to undo: our labels, our taint, or a cordon."""
+def node_has_pool_marks(node: dict, spec: PoolSpec, count_cordon: bool = True) -> bool:
+    """Anything release has to undo: our labels, our taint, or (``count_cordon``) a cordon."""
     labels = (node.get("metadata") or {}).get("labels") or {}
     node_spec = node.get("spec") or {}
     tenant_key = tenant_label_key(spec.label_prefix)
     return (
         any(key in labels for key in pool_labels(spec))
         or any(t.get("key") == tenant_key for t in node_spec.get("taints") or [])
-        or bool(node_spec.get("unschedulable", False))
+        or (count_cordon and bool(node_spec.get("unschedulable", False)))
     )
 
 
 def event_object(*, namespace: str, name: str, reason: str, message: str, timestamp: str) -> dict:
-    """A core/v1 Event about the tenant's namespace. The API server requires the involved object's
-    namespace to equal the event's namespace, so the Namespace is referenced with it."""
+    """A core/v1 Event in the tenant's namespace. The API server requires the involved object's
+    namespace to equal the event's (and some versions refuse a namespace on a cluster-scoped kind
+    such as Namespace), so the event refers to the tenant's GPU quota, which lives there."""
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"name": name, "namespace": namespace},
-        "involvedObject": {"apiVersion": "v1", "kind": "Namespace", "name": namespace, "namespace": namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "ResourceQuota", "name": QUOTA_NAME, "namespace": namespace},
         "reason": reason, "message": message[:1024], "type": "Normal",
         "firstTimestamp": timestamp, "lastTimestamp": timestamp, "count": 1,
         "source": {"component": "gpu-marketplace-scheduler"},
-        "reportingComponent": "gpu-marketplace-scheduler", "reportingInstance": "gpu-marketplace-scheduler",
     }

@@ -342,9 +342,13 @@ class FakeKube:
         self.lock = threading.RLock()
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str]] = []  # (method, path with query)
+        self.log_users: list[str] = []  # the bearer token of each logged request, in step with log
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
+        # False: a deleted namespace stays Terminating until ``finish_namespace_deletions`` (what the
+        # real namespace controller does over a few seconds); True: it goes at once.
+        self.namespaces_vanish_at_once = True
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> FakeKube:
@@ -368,11 +372,11 @@ class FakeKube:
             self._server.server_close()
             self._server = None
 
-    def write_kubeconfig(self, path: str | Path, context: str = "fake") -> str:
+    def write_kubeconfig(self, path: str | Path, context: str = "fake", token: str = "fake-token") -> str:
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": context,
             "clusters": [{"name": context, "cluster": {"server": self.url}}],
-            "users": [{"name": context, "user": {"token": "fake-token"}}],
+            "users": [{"name": context, "user": {"token": token}}],
             "contexts": [{"name": context, "context": {"cluster": context, "user": context}}],
         }
         Path(path).write_text(json.dumps(config))
@@ -395,9 +399,15 @@ class FakeKube:
         with self.lock:
             return sum(1 for m, p in self.log if (method is None or m == method.upper()) and path in p)
 
+    def requests_of(self, token: str) -> list[tuple[str, str]]:
+        """The logged (method, path) of the requests authenticated with ``token``."""
+        with self.lock:
+            return [entry for entry, user in zip(self.log, self.log_users, strict=True) if user == token]
+
     def reset_log(self) -> None:
         with self.lock:
             self.log.clear()
+            self.log_users.clear()
 
     def get(self, plural: str, name: str, namespace: str = "") -> dict | None:
         with self.lock:
@@ -443,6 +453,21 @@ class FakeKube:
         with self.lock:
             self.objects.pop(("nodes", "", name), None)
             self._bump_revision()
+
+    def _empty_namespace(self, name: str) -> None:
+        for key in [k for k in self.objects if k[1] == name and k[0] != "namespaces"]:
+            del self.objects[key]
+
+    def finish_namespace_deletions(self) -> int:
+        """What the namespace controller does: empty the Terminating namespaces and remove them."""
+        with self.lock:
+            doomed = [key for key, obj in self.objects.items()
+                      if key[0] == "namespaces" and obj["metadata"].get("deletionTimestamp")]
+            for key in doomed:
+                self._empty_namespace(key[2])
+                del self.objects[key]
+            self._bump_revision()
+            return len(doomed)
 
     def finish_terminations(self) -> int:
         """What kubelets do: remove the pods whose graceful deletion has started."""
@@ -586,8 +611,7 @@ class FakeKube:
         if not name:
             causes.append({"reason": "FieldValueRequired", "message": "Required value: name or generateName is required",
                            "field": "metadata.name"})
-        elif len(name) > 253 or not _DNS_SUBDOMAIN.match(name) or (
-                kind.kind in ("Namespace", "Pod") and kind.kind == "Namespace" and not _DNS_LABEL.match(name)):
+        elif len(name) > 253 or not _DNS_SUBDOMAIN.match(name) or (kind.kind == "Namespace" and not _DNS_LABEL.match(name)):
             causes.append({"reason": "FieldValueInvalid", "message": f"Invalid value: {name!r}", "field": "metadata.name"})
         for key, value in (meta.get("labels") or {}).items():
             prefix, _, label = key.rpartition("/")
@@ -620,7 +644,9 @@ class FakeKube:
             raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
                            {"name": namespace, "kind": "namespaces"})
         if creating and ns["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"unable to create new content in namespace {namespace} because it is being terminated")
+            raise ApiError(403, "Forbidden", f"unable to create new content in namespace {namespace} because it is being terminated",
+                           {"causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                                        "message": f"namespace {namespace} is being terminated"}]})
 
     def _create(self, kind: Kind, namespace: str, body: Any) -> dict:
         if isinstance(body, dict) and not (body.get("metadata") or {}).get("name") and (body.get("metadata") or {}).get("generateName"):
@@ -639,6 +665,12 @@ class FakeKube:
                            {"name": meta["name"], "group": kind.group, "kind": kind.plural})
         for server_field in ("resourceVersion", "uid", "creationTimestamp", "deletionTimestamp"):
             meta.pop(server_field, None)
+        if kind.kind == "Node":
+            # The TaintNodesByCondition admission plugin: a new node is not-ready until the node
+            # controller has seen it Ready (this fake has no controllers: tests remove the taint).
+            taints = body.setdefault("spec", {}).setdefault("taints", [])
+            if not any(t.get("key") == "node.kubernetes.io/not-ready" for t in taints):
+                taints.append({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"})
         # Nodes are registered with their status (that is how a kubelet creates them); other kinds
         # start from an empty one.
         return self._store(kind, body, keep_status=kind.kind == "Node")
@@ -734,8 +766,14 @@ class FakeKube:
         del self.objects[(kind.plural, namespace, name)]
         self._bump_revision()
         if kind.kind == "Namespace":
-            for key in [k for k in self.objects if k[1] == name and k[0] != "namespaces"]:
-                del self.objects[key]
+            if not self.namespaces_vanish_at_once:
+                self.objects[(kind.plural, namespace, name)] = obj
+                if not obj["metadata"].get("deletionTimestamp"):
+                    obj["metadata"]["deletionTimestamp"] = _now()
+                    obj["status"] = {"phase": "Terminating"}
+                    self._bump(obj)
+                return 200, copy.deepcopy(obj)
+            self._empty_namespace(name)
             gone = copy.deepcopy(obj)
             gone["metadata"]["deletionTimestamp"] = _now()
             gone["status"] = {"phase": "Terminating"}
@@ -770,6 +808,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         with fake.lock:
             fake.log.append((self.command, self.path))
+            fake.log_users.append((self.headers.get("Authorization") or "").removeprefix("Bearer "))
         fault = fake.take_fault(self.command, split.path)
         if fault is not None and fault.delay:
             time.sleep(fault.delay)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from marketplace.metrics import KUBERNETES_REQUESTS
 from scheduler.driver import GiveUp, PoolSpec, TenantSpec, namespace_for
 from scheduler.kube import KubeApi, NotFound, RetryPolicy
 from scheduler.kube_driver import KubernetesDriver
@@ -58,6 +59,9 @@ class Cluster:
         self.api.call("create", self.api.core.create_node, manifest)
         self.nodes.append(name)
         self.api.call("patch", self.api.core.patch_node_status, name, {"status": status})
+        # A real API server's TaintNodesByCondition admission adds node.kubernetes.io/not-ready to a
+        # new node until the node controller sees it Ready; start from exactly the taints asked for.
+        self.api.call("patch", self.api.core.patch_node, name, {"spec": {"taints": manifest["spec"]["taints"]}})
         return name
 
     def set_node_status(self, name: str, *, ready: bool | None = None, gpus: int | None = None) -> None:
@@ -111,6 +115,17 @@ class Cluster:
             return self.api.list_all("list", self.api.core.list_namespaced_pod, namespace)
         except NotFound:
             return []
+
+    def writes(self) -> float:
+        """Write requests the driver under test has sent so far (from the request metric, so it
+        works on a real cluster too)."""
+        total = 0.0
+        for metric in KUBERNETES_REQUESTS.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels["cluster"] == "test" \
+                        and sample.labels["verb"] in {"create", "update", "patch", "delete", "evict"}:
+                    total += sample.value
+        return total
 
     def cleanup(self) -> None:
         for name in self.nodes:

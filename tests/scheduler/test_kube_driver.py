@@ -2,6 +2,7 @@
 K8S_TEST_KUBECONFIG), through the real ``kubernetes`` client. Assertions are on the server's objects."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -79,6 +80,28 @@ class TestProvision:
         # Removing again (already gone / being deleted) is success.
         cluster.driver.ensure_tenant(tenant.__class__(**{**tenant.__dict__, "gpus": 0}))
 
+    def test_a_tenant_coming_back_while_its_namespace_is_being_deleted_is_retry_later(self, cluster, fake_only):
+        fake_only.namespaces_vanish_at_once = False  # like the real namespace controller
+        tenant = cluster.tenant(gpus=8)
+        cluster.driver.ensure_tenant(tenant)
+        cluster.driver.ensure_tenant(tenant.__class__(**{**tenant.__dict__, "gpus": 0}))
+
+        with pytest.raises(RetryLater, match="being deleted"):
+            cluster.driver.ensure_tenant(tenant)
+
+        fake_only.finish_namespace_deletions()
+        cluster.driver.ensure_tenant(tenant)
+        quota = cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
+        assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "8"}
+
+    def test_creating_in_a_namespace_being_deleted_is_retry_later(self, cluster, fake_only):
+        fake_only.namespaces_vanish_at_once = False
+        cluster.ensure_namespace("doomed-" + cluster.uid)
+        cluster.api.call("delete", cluster.api.core.delete_namespace, "doomed-" + cluster.uid)
+
+        with pytest.raises(RetryLater, match="being terminated"):
+            cluster.driver.post_event(namespace="doomed-" + cluster.uid, name="x", reason="R", message="m")
+
     def test_zero_gpus_never_deletes_a_namespace_the_marketplace_does_not_manage(self, cluster):
         tenant = cluster.tenant()
         cluster.ensure_namespace(tenant.namespace)
@@ -109,16 +132,53 @@ class TestIdempotence:
         pool = cluster.pool(nodes, tenant)
         cluster.driver.ensure_tenant(tenant)
         cluster.driver.apply_pool(pool)
+        before = {name: cluster.node(name) for name in nodes}
+        writes = cluster.writes()
+
+        cluster.driver.ensure_tenant(tenant)
+        cluster.driver.apply_pool(pool)
+
+        # Nothing was written (on a real cluster controllers may still bump resourceVersions).
+        assert cluster.writes() == writes
+        for name in nodes:
+            after = cluster.node(name)
+            assert after["metadata"]["labels"] == before[name]["metadata"]["labels"]
+            assert taints_of(after) == taints_of(before[name])
+
+    def test_same_resource_versions_after_a_second_apply(self, cluster, fake_only):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(3)]
+        tenant = cluster.tenant()
+        pool = cluster.pool(nodes, tenant)
+        cluster.driver.ensure_tenant(tenant)
+        cluster.driver.apply_pool(pool)
         before = resource_versions(cluster, nodes)
-        quota_rv = cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota",
-                                tenant.namespace)["metadata"]["resourceVersion"]
+        objects_before = {(plural, ns, name): obj["metadata"]["resourceVersion"]
+                          for (plural, ns, name), obj in fake_only.objects.items()}
 
         cluster.driver.ensure_tenant(tenant)
         cluster.driver.apply_pool(pool)
 
         assert resource_versions(cluster, nodes) == before
-        assert cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota",
-                            tenant.namespace)["metadata"]["resourceVersion"] == quota_rv
+        assert {key: obj["metadata"]["resourceVersion"] for key, obj in fake_only.objects.items()} == objects_before
+
+    def test_two_workers_applying_the_same_pool_at_once_end_in_the_same_state(self, cluster):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(6)]
+        tenant = cluster.tenant()
+        pool = cluster.pool(nodes, tenant)
+        second = KubernetesDriver.from_kubeconfig(cluster.kubeconfig, cluster="test", policy=cluster.driver.api.policy)
+
+        with ThreadPoolExecutor(2) as workers:
+            for future in [workers.submit(driver.apply_pool, pool) for driver in (cluster.driver, second)]:
+                future.result()
+            for future in [workers.submit(driver.ensure_tenant, tenant) for driver in (cluster.driver, second)]:
+                future.result()
+        second.api.close()
+
+        for name in nodes:
+            node = cluster.node(name)
+            assert node["metadata"]["labels"][POOL_KEY] == pool.pool
+            assert taints_of(node) == [{"key": TENANT_KEY, "value": tenant.tenant, "effect": "NoSchedule"}]
+        assert cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
 
     def test_second_apply_sends_no_writes(self, cluster, fake_only):
         nodes = [cluster.add_node(f"gpu-{i}") for i in range(4)]
@@ -143,6 +203,33 @@ class TestIdempotence:
         assert fake_only.count("GET", "/api/v1/nodes") == 1
         assert fake_only.count("PATCH", "/api/v1/nodes/") == 10
         assert len(fake_only.log) == 11
+
+    def test_releasing_again_costs_a_few_lists_not_a_request_per_node(self, cluster, fake_only):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(8)]
+        pool = cluster.pool(nodes, cluster.tenant())
+        cluster.driver.apply_pool(pool)
+        cluster.driver.drain_pool(pool, force=True)
+        cluster.driver.unlabel_pool(pool)
+        fake_only.reset_log()
+
+        cluster.driver.drain_pool(pool, force=True)
+        cluster.driver.unlabel_pool(pool)
+
+        # per call: the pool-label LIST and one hostname LIST (drain adds the tenant's pod LIST)
+        assert fake_only.count("GET", "/api/v1/nodes?") == 4
+        assert len(fake_only.log) == 5
+        assert fake_only.count("GET", "/api/v1/nodes/") == fake_only.count("PATCH") == 0
+
+    def test_a_drain_repeated_after_release_leaves_the_nodes_schedulable(self, cluster):
+        nodes = [cluster.add_node(f"gpu-{i}") for i in range(2)]
+        pool = cluster.pool(nodes, cluster.tenant())
+        cluster.driver.apply_pool(pool)
+        cluster.driver.drain_pool(pool, force=True)
+        cluster.driver.unlabel_pool(pool)
+
+        cluster.driver.drain_pool(pool, force=True)  # a late, repeated task
+
+        assert not any(cluster.node(name)["spec"].get("unschedulable") for name in nodes)
 
     def test_a_node_without_the_hostname_label_is_read_by_name(self, cluster):
         odd = cluster.add_node("gpu-odd", hostname_label=False)
@@ -178,6 +265,29 @@ class TestDriftRepair:
 
         quota = cluster.read(core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
         assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "16"}
+
+    def test_a_limit_added_to_the_quota_by_hand_is_removed(self, cluster):
+        tenant = cluster.tenant(gpus=16)
+        cluster.driver.ensure_tenant(tenant)
+        core = cluster.api.core
+        cluster.api.call("patch", core.patch_namespaced_resource_quota, "gpu-quota", tenant.namespace,
+                         {"spec": {"hard": {"pods": "5"}}})
+
+        cluster.driver.ensure_tenant(tenant)
+
+        quota = cluster.read(core.read_namespaced_resource_quota, "gpu-quota", tenant.namespace)
+        assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "16"}
+
+    def test_a_binding_to_another_role_is_replaced(self, cluster, fake_only):
+        # (fake only: roleRef is immutable, so only a delete and re-create by hand could do this)
+        tenant = cluster.tenant()
+        cluster.driver.ensure_tenant(tenant)
+        fake_only.objects[("rolebindings", tenant.namespace, "tenant")]["roleRef"]["name"] = "cluster-admin"
+
+        cluster.driver.ensure_tenant(tenant)
+
+        binding = cluster.read(cluster.api.rbac.read_namespaced_role_binding, "tenant", tenant.namespace)
+        assert binding["roleRef"]["name"] == "gpu-marketplace-tenant"
 
     def test_quota_follows_the_tenants_gpus(self, cluster):
         tenant = cluster.tenant(gpus=16)
@@ -449,3 +559,31 @@ class TestErrors:
 
         with pytest.raises(GiveUp):
             cluster.driver.apply_pool(pool)
+
+
+class TestEvictionRefused:
+    def test_an_eviction_a_disruption_budget_refuses_counts_as_remaining_and_is_not_retried(self, cluster, fake_only):
+        node = cluster.add_node("gpu-a")
+        tenant = cluster.tenant()
+        pool = cluster.pool([node], tenant)
+        cluster.driver.ensure_tenant(tenant)
+        cluster.add_pod(tenant.namespace, "guarded", node)
+        fake_only.fail("POST", "/eviction$", 429, times=5)  # what the server answers when a PDB forbids it
+        fake_only.reset_log()
+
+        remaining = cluster.driver.drain_pool(pool, force=False)
+
+        assert remaining == 1
+        assert fake_only.count("POST", "/eviction") == 1
+        assert not cluster.pods(tenant.namespace)[0]["metadata"].get("deletionTimestamp")
+        assert cluster.driver.drain_pool(pool, force=True) == 0
+
+
+def test_a_node_name_too_long_for_a_label_selector_is_read_by_name(cluster):
+    long_stem = "gpu-" + "x" * 70
+    node = cluster.add_node(long_stem, hostname_label=False)
+    pool = cluster.pool([node, node], cluster.tenant())  # listed twice: patched once
+
+    cluster.driver.apply_pool(pool)
+
+    assert cluster.node(node)["metadata"]["labels"][POOL_KEY] == pool.pool
