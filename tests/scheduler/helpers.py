@@ -87,17 +87,6 @@ def fake_server():
     fake.stop()
 
 
-@pytest.fixture
-def fake_cluster(db, fake_server, tmp_path):
-    """A registered cluster whose kubeconfig points at the fake API server: the scheduler reaches it
-    through ``driver_for`` → ``KubernetesDriver`` → the real ``kubernetes`` client."""
-    from marketplace.inventory.models import Cluster
-
-    kubeconfig = fake_server.write_kubeconfig(tmp_path / "kubeconfig")
-    return ClusterFactory(name=f"fake-{tmp_path.name[-12:].lower().strip('_-') or 'x'}".replace("_", "-"),
-                          connection=Cluster.Connection.KUBECONFIG, kubeconfig_path=kubeconfig)
-
-
 def server_nodes(fake_server, cluster, count=2, domain="ib-0", spare=0):
     """Nodes in the inventory and registered on the fake API server; returns (pool, spares)."""
     nodes = [NodeFactory(cluster=cluster, topology_domain=domain) for _ in range(count + spare)]
