@@ -321,6 +321,10 @@ def reconcile_reservation(reservation_id, *, drivers: Drivers = driver_for) -> s
         services.reservation_events_ensure(reservation_id=reservation_id, kinds=[Event.Kind.START], now=now)
     elif status == S.RELEASING or (status in (S.ACTIVE, S.DEGRADED) and reservation.ends_at <= now):
         services.reservation_events_ensure(reservation_id=reservation_id, kinds=[Event.Kind.END], now=now)
+    elif status in (S.ACTIVE, S.DEGRADED):
+        # The notice and the end are still ahead: they exist (a notice sent stays sent).
+        services.reservation_events_ensure(reservation_id=reservation_id, kinds=[Event.Kind.END_NOTICE, Event.Kind.END],
+                                           now=now, requeue_finished=False)
     if status in (S.ACTIVE, S.DEGRADED) and reservation.ends_at > now:
         return _with_lease(reservation_id, lambda rid: heal(rid, drivers=drivers))
     if status in (S.FAILED, S.COMPLETED, S.CANCELLED):

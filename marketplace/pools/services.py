@@ -156,11 +156,14 @@ def event_due_at(*, reservation: Reservation, kind: str) -> datetime:
     return reservation.ends_at
 
 
-def reservation_events_ensure(*, reservation_id, kinds: list[str], now: datetime) -> list[str]:
+def reservation_events_ensure(*, reservation_id, kinds: list[str], now: datetime,
+                              requeue_finished: bool = True) -> list[str]:
     """Level-based safety net: each named event exists and is live (pending, or claimed recently).
 
-    A missing event is created; a claim older than the claim timeout is put back to pending, due
-    now. Returns what was changed (for the log).
+    A missing event is created (due when it should be); a claim older than the claim timeout is
+    put back to pending; with ``requeue_finished`` a done or cancelled event is pending again
+    (its work is evidently not finished: the reservation is still waiting for it). Returns what
+    was changed (for the log).
     """
     changed = []
     stale = now - _setting("CLAIM_TIMEOUT")
@@ -177,11 +180,11 @@ def reservation_events_ensure(*, reservation_id, kinds: list[str], now: datetime
                 continue
             requeue = (
                 (event.status == Event.Status.CLAIMED and event.claimed_at and event.claimed_at < stale)
-                or event.status in (Event.Status.DONE, Event.Status.CANCELLED)
+                or (requeue_finished and event.status in (Event.Status.DONE, Event.Status.CANCELLED))
             )
             if requeue:
                 updated = Event.objects.filter(pk=event.pk, status=event.status, claimed_by=event.claimed_by).update(
-                    status=Event.Status.PENDING, due_at=min(event.due_at, now), claimed_by="",
+                    status=Event.Status.PENDING, claimed_by="", done_at=None,
                 )
                 if updated:
                     changed.append(f"{kind}: {event.status} → pending")

@@ -134,3 +134,40 @@ def test_the_reconcile_creates_a_missing_start_event(memory, kube_cluster):
     assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
     reservation.refresh_from_db()
     assert reservation.status == S.ACTIVE
+
+
+@pytest.mark.django_db
+def test_the_reconcile_creates_missing_notice_and_end_events_of_a_running_pool(memory, kube_cluster):
+    # given an active pool whose notice and end events were never written
+    nodes, _ = pool_nodes(memory, kube_cluster, count=1)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=1), events=False,
+                       duration=timedelta(hours=2))
+    reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    reconcile.run_due_events(drivers=memory.drivers)
+    # when the reconcile runs
+    reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    # then both exist, due when they should be, and a second reconcile changes nothing
+    events = dict(ReservationEvent.objects.filter(reservation=reservation).values_list("kind", "due_at"))
+    assert events["end"] == reservation.ends_at
+    assert events["end_notice"] == reservation.ends_at - timedelta(minutes=30)
+    audit = AuditLog.objects.count()
+    reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    assert AuditLog.objects.count() == audit
+    # and the notice, once sent, is not sent again by later reconciles
+    with time_machine.travel(reservation.ends_at - timedelta(minutes=20), tick=True):
+        assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+        reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+        assert reconcile.run_due_events(drivers=memory.drivers) == []
+    assert memory.calls["post_event"] == 1
+
+
+@pytest.mark.django_db
+def test_reconciling_a_future_reservation_does_not_provision_it_early(memory, kube_cluster):
+    # given a confirmed reservation starting tomorrow, its start event created by the reconcile
+    nodes, _ = pool_nodes(memory, kube_cluster, count=1)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(days=1), events=False)
+    reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    # then nothing is due yet
+    assert reconcile.run_due_events(drivers=memory.drivers) == []
+    reservation.refresh_from_db()
+    assert reservation.status == S.CONFIRMED and memory.calls["apply_pool"] == 0
