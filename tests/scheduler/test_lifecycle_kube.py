@@ -247,3 +247,20 @@ def test_killed_mid_release_leaves_nothing_orphaned_on_the_server(cluster, row, 
     assert [marks(cluster, node.name) for node in nodes] == [CLEAN] * 2
     namespace_left = cluster.read(cluster.api.core.read_namespace, namespace)
     assert namespace_left is None or namespace_left["status"]["phase"] == "Terminating"
+
+
+@pytest.mark.django_db
+def test_every_step_again_sends_no_writes_and_leaves_the_same_objects(cluster, fake_only, row, tenant_on):
+    # given a pool provisioned once
+    nodes, _ = add_nodes(cluster, row, 2)
+    reservation = book(tenant=tenant_on, nodes=nodes, starts_at=timezone.now() - timedelta(minutes=1))
+    assert reconcile.run_due_events() == ["done"]
+    objects = sorted(fake_only.objects)
+    fake_only.reset_log()
+    # when provision and reconcile run again, twice
+    for _ in range(2):
+        reconcile.provision(reservation.pk)
+        reconcile.reconcile_reservation(reservation.pk)
+    # then nothing was written and the same objects exist
+    assert [fake_only.count(verb) for verb in ("POST", "PUT", "PATCH", "DELETE")] == [0, 0, 0, 0]
+    assert sorted(fake_only.objects) == objects
