@@ -24,7 +24,12 @@ DEBUG = env.bool("DEBUG", default=DJANGO_ENV == "development")
 
 if IS_PRODUCTION:
     # Fail fast: a production process must never start with a guessable key.
-    SECRET_KEY = env.str("SECRET_KEY")
+    SECRET_KEY = env.str("SECRET_KEY", default="")
+    if not SECRET_KEY:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. In production (DJANGO_ENV=production, the default) it must come from the "
+            "environment; for a local run set DJANGO_ENV=development."
+        )
 else:
     SECRET_KEY = env.str("SECRET_KEY", default=f"insecure-{DJANGO_ENV}-only-key-do-not-use-in-production")
 
@@ -168,7 +173,10 @@ SPECTACULAR_SETTINGS = {
 # Embedded default: kombu's filesystem transport, so worker and beat need no broker server.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "broker"
+    _broker_dir = Path(env.str("CELERY_BROKER_DIR", default=str(VAR_DIR / "broker")))
+    # kombu's filesystem transport does not create its folders; worker and beat fail without them.
+    for _folder in ("queue", "processed"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),

@@ -64,7 +64,10 @@ def not_found_view(request, exception=None):
 
 def server_error_view(request):
     from django.http import JsonResponse
+    from django.views.defaults import server_error
 
+    if not request.path.startswith("/api/"):
+        return server_error(request)
     return JsonResponse(
         {"error": {"code": "server_error", "message": "Internal error; it has been logged.", "fields": {}}},
         status=status.HTTP_500_INTERNAL_SERVER_ERROR,

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from marketplace.core.admin import NoDeleteAdminMixin
+from marketplace.core.admin import AuditedAdminMixin
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
 
 
@@ -11,18 +11,18 @@ class GpuPriceInline(admin.TabularInline):
 
 
 @admin.register(Region)
-class RegionAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class RegionAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["code", "name"]
 
 
 @admin.register(GpuModel)
-class GpuModelAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class GpuModelAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "vendor", "memory_gb", "gpus_per_node"]
     inlines = [GpuPriceInline]
 
 
 @admin.register(Cluster)
-class ClusterAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class ClusterAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "region", "connection", "status"]
     list_filter = ["region", "connection", "status"]
 
@@ -35,7 +35,7 @@ class MaintenanceWindowInline(admin.TabularInline):
 
 
 @admin.register(Node)
-class NodeAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class NodeAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "cluster", "gpu_model", "gpu_count", "topology_domain", "status", "health"]
     list_filter = ["status", "health", "gpu_model", "cluster__region", "cluster"]
     search_fields = ["name", "topology_domain"]
@@ -44,7 +44,7 @@ class NodeAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(MaintenanceWindow)
-class MaintenanceWindowAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class MaintenanceWindowAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["node", "starts_at", "ends_at", "reason", "cancelled_at"]
     list_select_related = ["node__cluster"]
     raw_id_fields = ["node"]
