@@ -167,6 +167,15 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Several models have a "status"; name each choice set so the schema stays stable.
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStatusEnum": "marketplace.inventory.models.Node.Status",
+        "NodeHealthEnum": "marketplace.inventory.models.Node.Health",
+        "ClusterStatusEnum": "marketplace.inventory.models.Cluster.Status",
+        "ReservationStatusEnum": "marketplace.reservations.status.ReservationStatus",
+        "BillingStatusEnum": "marketplace.tenants.models.Tenant.BillingStatus",
+        "MembershipRoleEnum": "marketplace.tenants.models.Membership.Role",
+    },
 }
 
 # --- Celery -----------------------------------------------------------------------------------
