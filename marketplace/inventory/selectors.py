@@ -88,6 +88,42 @@ def gpu_price_list() -> Iterable[GpuPrice]:
     return GpuPrice.objects.select_related("gpu_model", "region").order_by("gpu_model__name", "region__code")
 
 
+FLEET_STATES = ["allocated", "idle", "maintenance", "offline"]
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    """One line of the utilisation table: GPUs per state for one model, region or cluster."""
+
+    key: str
+    by_state: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values())
+
+    @property
+    def cells(self) -> list[int]:
+        return [self.by_state.get(state, 0) for state in FLEET_STATES]
+
+    @property
+    def allocated_percent(self) -> int:
+        # Share of the rentable GPUs (allocated + idle) that are allocated.
+        rentable = self.by_state.get("allocated", 0) + self.by_state.get("idle", 0)
+        return round(100 * self.by_state.get("allocated", 0) / rentable) if rentable else 0
+
+
+def fleet_utilisation(*, by: str, at: datetime | None = None, counts: list[FleetCount] | None = None) -> list[FleetRow]:
+    """GPUs per state grouped by ``gpu_model``, ``region`` or ``cluster`` (one query, grouped here)."""
+    if by not in {"gpu_model", "region", "cluster"}:
+        raise ValueError(f"cannot group the fleet by {by!r}")
+    grouped: dict[str, dict[str, int]] = {}
+    for row in counts if counts is not None else fleet_gpu_counts(at=at):
+        states = grouped.setdefault(getattr(row, by), {})
+        states[row.state] = states.get(row.state, 0) + row.gpus
+    return [FleetRow(key=key, by_state=states) for key, states in sorted(grouped.items())]
+
+
 def gpu_model_catalogue() -> Iterable[GpuModel]:
     return GpuModel.objects.prefetch_related("prices__region").order_by("name")
 

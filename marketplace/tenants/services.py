@@ -155,9 +155,13 @@ def api_token_issue(
     return IssuedToken(token=token, raw=raw)
 
 
-def api_token_revoke(*, actor: Actor, token_id: int, tenant: Tenant) -> ApiToken:
+def api_token_revoke(*, actor: Actor, token_id: int, tenant: Tenant, user: AbstractBaseUser | None = None) -> ApiToken:
+    """Revokes a token of the tenant (of ``user`` only, when given). Revoking twice changes nothing."""
     with transaction.atomic():
-        token = ApiToken.objects.for_tenant(tenant).select_for_update().filter(pk=token_id).first()
+        tokens = ApiToken.objects.for_tenant(tenant)
+        if user is not None:
+            tokens = tokens.filter(user=user)
+        token = tokens.select_for_update().filter(pk=token_id).first()
         if token is None:
             raise NotFound("No such token.")
         if token.revoked_at is None:
