@@ -100,11 +100,11 @@ def cluster_update(*, actor: Actor, cluster: Cluster, **changes: Any) -> Cluster
 
 def node_create(*, actor: Actor, cluster: Cluster, name: str, gpu_model: GpuModel, topology_domain: str,
                 gpu_count: int | None = None, cpu_cores: int = 0, memory_gb: int = 0,
-                status: str = Node.Status.AVAILABLE) -> Node:
+                status: str = Node.Status.AVAILABLE, health: str = Node.Health.UNKNOWN) -> Node:
     with transaction.atomic():
         node = Node(cluster=cluster, name=name, gpu_model=gpu_model, topology_domain=topology_domain,
                     gpu_count=gpu_count if gpu_count is not None else gpu_model.gpus_per_node,
-                    cpu_cores=cpu_cores, memory_gb=memory_gb, status=status)
+                    cpu_cores=cpu_cores, memory_gb=memory_gb, status=status, health=health)
         node.full_clean()
         node.save()
         audit_record(actor=actor, action="node.create", obj=node, after=snapshot(node, NODE_AUDIT_FIELDS))
