@@ -8,6 +8,7 @@ from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff
 from marketplace.api.scoping import TenantScopedViewSet
+from marketplace.api.strict import EmptyBodySerializer, StrictInputMixin
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor
 from marketplace.tenants import services
@@ -22,7 +23,7 @@ class ApiTokenSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ApiTokenCreateSerializer(serializers.Serializer):
+class ApiTokenCreateSerializer(StrictInputMixin, serializers.Serializer):
     name = serializers.CharField(max_length=100)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 
@@ -53,7 +54,7 @@ class CurrentTenantSerializer(TenantSerializer):
         return membership.role if membership else None
 
 
-class StaffTenantSerializer(serializers.ModelSerializer):
+class StaffTenantSerializer(StrictInputMixin, serializers.ModelSerializer):
     class Meta:
         model = Tenant
         fields = ["slug", "name", "billing_status", "gpu_quota", "kubernetes_group", "is_active", "created_at"]
@@ -62,7 +63,7 @@ class StaffTenantSerializer(serializers.ModelSerializer):
         extra_kwargs = {"slug": {"validators": []}}
 
 
-class StaffTenantUpdateSerializer(serializers.ModelSerializer):
+class StaffTenantUpdateSerializer(StrictInputMixin, serializers.ModelSerializer):
     class Meta:
         model = Tenant
         fields = ["name", "billing_status", "gpu_quota", "kubernetes_group", "is_active"]
@@ -77,12 +78,12 @@ class MembershipSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "username", "created_at"]
 
 
-class MembershipCreateSerializer(serializers.Serializer):
+class MembershipCreateSerializer(StrictInputMixin, serializers.Serializer):
     username = serializers.CharField(max_length=150)
     role = serializers.ChoiceField(choices=Membership.Role.choices, default=Membership.Role.MEMBER)
 
 
-class MembershipRoleSerializer(serializers.Serializer):
+class MembershipRoleSerializer(StrictInputMixin, serializers.Serializer):
     role = serializers.ChoiceField(choices=Membership.Role.choices)
 
 
@@ -182,9 +183,11 @@ class ApiTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSc
         body = ApiTokenSerializer(issued.token).data | {"token": issued.raw}
         return Response(body, status=status.HTTP_201_CREATED)
 
+    @extend_schema(request=None, responses=ApiTokenSerializer)
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None):
         token = self.get_object()  # 404 for someone else's token
+        EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
         token = services.api_token_revoke(actor=Actor.for_user(request.user), token_id=token.pk, tenant=self.tenant)
         return Response(ApiTokenSerializer(token).data)
 

@@ -13,6 +13,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff, IsStaffOrReadOnly
+from marketplace.api.strict import StrictInputMixin
 from marketplace.core.services import Actor
 from marketplace.inventory import selectors, services
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
@@ -39,7 +40,7 @@ class GpuPriceRowSerializer(GpuPriceSerializer):
         fields = ["id", "gpu_model", *GpuPriceSerializer.Meta.fields]
 
 
-class GpuPriceSetSerializer(serializers.Serializer):
+class GpuPriceSetSerializer(StrictInputMixin, serializers.Serializer):
     gpu_model = serializers.SlugRelatedField(slug_field="name", queryset=GpuModel.objects.all())
     region = serializers.SlugRelatedField(slug_field="code", queryset=Region.objects.all())
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4, min_value=Decimal("0.0001"))
@@ -54,7 +55,7 @@ class GpuModelSerializer(serializers.ModelSerializer):
         fields = ["name", "vendor", "memory_gb", "gpus_per_node", "prices"]
 
 
-class ClusterSerializer(serializers.ModelSerializer):
+class ClusterSerializer(StrictInputMixin, serializers.ModelSerializer):
     region = serializers.SlugRelatedField(slug_field="code", queryset=Region.objects.all())
 
     class Meta:
@@ -62,13 +63,13 @@ class ClusterSerializer(serializers.ModelSerializer):
         fields = ["name", "region", "connection", "kubeconfig_path", "kube_context", "status"]
 
 
-class ClusterUpdateSerializer(serializers.ModelSerializer):
+class ClusterUpdateSerializer(StrictInputMixin, serializers.ModelSerializer):
     class Meta:
         model = Cluster
         fields = ["connection", "kubeconfig_path", "kube_context", "status"]
 
 
-class NodeSerializer(serializers.ModelSerializer):
+class NodeSerializer(StrictInputMixin, serializers.ModelSerializer):
     cluster = serializers.SlugRelatedField(slug_field="name", queryset=Cluster.objects.all())
     gpu_model = serializers.SlugRelatedField(slug_field="name", queryset=GpuModel.objects.all())
 
@@ -81,7 +82,7 @@ class NodeSerializer(serializers.ModelSerializer):
         validators = []
 
 
-class NodeUpdateSerializer(serializers.ModelSerializer):
+class NodeUpdateSerializer(StrictInputMixin, serializers.ModelSerializer):
     class Meta:
         model = Node
         fields = ["gpu_count", "cpu_cores", "memory_gb", "topology_domain"]
@@ -96,14 +97,14 @@ class AllocationHoldSerializer(serializers.Serializer):
     ends_at = serializers.DateTimeField()
 
 
-class NodeBulkStatusSerializer(serializers.Serializer):
+class NodeBulkStatusSerializer(StrictInputMixin, serializers.Serializer):
     node_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), allow_empty=False, max_length=5000)
     status = serializers.ChoiceField(choices=Node.Status.choices)
     reason = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
     force = serializers.BooleanField(default=False, help_text="Take nodes out of service even if they are booked.")
 
 
-class MaintenanceWindowSerializer(serializers.ModelSerializer):
+class MaintenanceWindowSerializer(StrictInputMixin, serializers.ModelSerializer):
     node = serializers.PrimaryKeyRelatedField(queryset=Node.objects.all())
     node_name = serializers.CharField(source="node.name", read_only=True)
     cluster = serializers.CharField(source="node.cluster.name", read_only=True)
@@ -120,6 +121,10 @@ class MaintenanceWindowCreateSerializer(MaintenanceWindowSerializer):
 
     class Meta(MaintenanceWindowSerializer.Meta):
         fields = [*MaintenanceWindowSerializer.Meta.fields, "force"]
+
+
+class MaintenanceWindowCancelSerializer(StrictInputMixin, serializers.Serializer):
+    reason = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
 
 
 def actor(request) -> Actor:
@@ -246,10 +251,13 @@ class MaintenanceWindowViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
             "affected_allocations": AllocationHoldSerializer([h.as_dict() for h in holds], many=True).data,
         }, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=None, responses=MaintenanceWindowSerializer)
+    @extend_schema(request=MaintenanceWindowCancelSerializer, responses=MaintenanceWindowSerializer)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        window = services.maintenance_window_cancel(actor=actor(request), window_id=self.get_object().pk)
+        window_id = self.get_object().pk
+        data = MaintenanceWindowCancelSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        window = services.maintenance_window_cancel(actor=actor(request), window_id=window_id, **data.validated_data)
         return Response(MaintenanceWindowSerializer(window).data)
 
 
