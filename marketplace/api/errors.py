@@ -8,9 +8,11 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from marketplace.core.exceptions import ServiceError
+from marketplace.metrics import API_ERRORS
 
 
 def error_response(*, http_status: int, code: str, message: str, fields: dict | None = None, headers=None) -> Response:
+    API_ERRORS.labels(code=code).inc()
     return Response(
         {"error": {"code": code, "message": message, "fields": fields or {}}}, status=http_status, headers=headers
     )

@@ -47,6 +47,7 @@ def test_admin_change_writes_an_audit_row(client):
     data = {name: form[name].value() if form[name].value() is not None else "" for name in form.fields}
     data.update({"topology_domain": "ib-7", "maintenance_windows-TOTAL_FORMS": "0",
                  "maintenance_windows-INITIAL_FORMS": "0"})
+    data = {key: value for key, value in data.items() if value is not None}
     # when the change is saved
     response = client.post(f"/admin/inventory/node/{node.pk}/change/", data)
     # then it is saved and audited with before and after
@@ -54,3 +55,19 @@ def test_admin_change_writes_an_audit_row(client):
     row = AuditLog.objects.get(action="node.admin_update", object_id=str(node.pk))
     assert row.before["topology_domain"] == "ib-0" and row.after["topology_domain"] == "ib-7"
     assert row.actor == f"user:{ops.username}"
+
+
+@pytest.mark.django_db
+def test_admin_status_action_refuses_booked_nodes(client):
+    # given ops in the admin, a free node and a booked one
+    from marketplace.inventory.models import Node
+    from tests.factories import AllocationFactory
+
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    free, booked = NodeFactory(), AllocationFactory().node
+    # when they put both into maintenance with the admin action
+    response = client.post("/admin/inventory/node/", {"action": "set_maintenance",
+                                                      "_selected_action": [free.pk, booked.pk]}, follow=True)
+    # then nothing changes and the booked node is named
+    assert booked.name in response.content.decode()
+    assert set(Node.objects.values_list("status", flat=True)) == {"available"}
