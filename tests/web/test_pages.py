@@ -44,6 +44,14 @@ class TestLoginAndDashboard:
         response = strict.post("/login/", {"username": member.username, "password": "correct-horse-battery"})
         assert response.status_code == 403
 
+    @pytest.mark.parametrize("path", ["/account/tokens/", "/tenant/switch/", "/ops/inventory/"])
+    def test_signed_in_posts_without_csrf_token_are_refused(self, staff_user, tenant, path):
+        MembershipFactory(user=staff_user, tenant=tenant, role="owner")
+        strict = Client(enforce_csrf_checks=True)
+        strict.force_login(staff_user)
+        assert strict.post(path, {"name": "x", "tenant": tenant.pk}).status_code == 403
+        assert not ApiToken.objects.exists()
+
     def test_member_signs_in_and_sees_their_tenant(self, client, member, tenant):
         response = client.post("/login/", {"username": member.username, "password": "correct-horse-battery"},
                                follow=True)
