@@ -9,17 +9,8 @@ from marketplace.core.exceptions import ServiceError
 from marketplace.core.services import Actor
 from marketplace.tenants import services
 from marketplace.tenants.selectors import api_tokens_of, members_of, membership_for
-from marketplace.web.forms import MemberAddForm, RoleForm, TokenCreateForm
+from marketplace.web.forms import MemberAddForm, RoleForm, TokenCreateForm, add_service_error
 from marketplace.web.views import tenant_required
-
-
-def _add_service_error(form, error: ServiceError) -> None:
-    """Shows a service's refusal on the form: its message on top, field details beside the fields."""
-    form.add_error(None, error.message)
-    for field, problems in error.fields.items():
-        if field in form.fields:
-            for problem in problems if isinstance(problems, list) else [problems]:
-                form.add_error(field, str(problem))
 
 
 @tenant_required
@@ -36,7 +27,7 @@ def tokens(request, tenant):
             issued = services.api_token_issue(actor=Actor.for_user(request.user), user=request.user, tenant=tenant,
                                               **form.cleaned_data)
         except ServiceError as error:
-            _add_service_error(form, error)
+            add_service_error(form, error)
         else:
             # Rendered, not redirected: this response is the only time the secret exists in clear.
             form = TokenCreateForm()
@@ -67,7 +58,7 @@ def members(request, tenant):
             membership = services.membership_create(actor=Actor.for_user(request.user), by=request.user,
                                                     tenant=tenant, **form.cleaned_data)
         except ServiceError as error:
-            _add_service_error(form, error)
+            add_service_error(form, error)
         else:
             messages.success(request, f"{membership.user.username} added as {membership.get_role_display()}.")
             return redirect("web:members")

@@ -1,5 +1,6 @@
 from django import forms
 
+from marketplace.core.exceptions import ServiceError
 from marketplace.inventory.models import Node
 from marketplace.tenants.models import Membership
 
@@ -36,3 +37,12 @@ class NodeStatusForm(forms.Form):
     status = forms.ChoiceField(choices=Node.Status.choices)
     reason = forms.CharField(max_length=500, required=False)
     force = forms.BooleanField(required=False, label="Even if booked")
+
+
+def add_service_error(form, error: ServiceError) -> None:
+    """Shows a service's refusal on the form: its message on top, field details beside the fields."""
+    form.add_error(None, error.message)
+    for field, problems in error.fields.items():
+        if field in form.fields:
+            for problem in problems if isinstance(problems, list) else [problems]:
+                form.add_error(field, str(problem))

@@ -11,8 +11,7 @@ from marketplace.core.selectors import audit_log_list
 from marketplace.core.services import Actor
 from marketplace.inventory import selectors, services
 from marketplace.inventory.models import Node
-from marketplace.web.account import _add_service_error
-from marketplace.web.forms import MaintenanceWindowForm, NodeStatusForm
+from marketplace.web.forms import MaintenanceWindowForm, NodeStatusForm, add_service_error
 from marketplace.web.views import staff_required
 
 PAGE_SIZE = 100
@@ -43,7 +42,7 @@ def inventory(request):
             window, holds = services.maintenance_window_create(actor=Actor.for_user(request.user),
                                                                **window_form.cleaned_data)
         except ServiceError as error:
-            _add_service_error(window_form, error)
+            add_service_error(window_form, error)
         else:
             note = f" It overlaps {len(holds)} booking(s)." if holds else ""
             messages.success(request, f"Maintenance planned for {window.node.name}.{note}")
