@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff
 from marketplace.api.scoping import TenantScopedViewSet
-from marketplace.api.strict import EmptyBodySerializer, StrictInputMixin
+from marketplace.api.strict import EmptyBodySerializer, ParseBodyFirstMixin, StrictInputMixin
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor
 from marketplace.tenants import services
@@ -140,7 +140,7 @@ class MembershipViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenant
         return Response(MembershipSerializer(membership).data)
 
 
-class StaffTenantViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class StaffTenantViewSet(ParseBodyFirstMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Ops: every tenant; create one, change its billing status, quota or name."""
 
     permission_classes = [IsStaff]

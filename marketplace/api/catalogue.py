@@ -13,7 +13,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff, IsStaffOrReadOnly
-from marketplace.api.strict import StrictInputMixin
+from marketplace.api.strict import ParseBodyFirstMixin, StrictInputMixin
 from marketplace.core.services import Actor
 from marketplace.inventory import selectors, services
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
@@ -146,7 +146,7 @@ class GpuModelViewSet(viewsets.ReadOnlyModelViewSet):
     filterset_fields = ["vendor"]
 
 
-class GpuPriceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class GpuPriceViewSet(ParseBodyFirstMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """List prices; ops set one with POST (creates or replaces the price of a model in a region)."""
 
     permission_classes = [IsStaffOrReadOnly]
@@ -164,7 +164,7 @@ class GpuPriceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return Response(GpuPriceRowSerializer(price).data, status=status.HTTP_201_CREATED)
 
 
-class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class ClusterViewSet(ParseBodyFirstMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     permission_classes = [IsStaff]
     serializer_class = ClusterSerializer
     lookup_field = "name"
@@ -186,7 +186,7 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return Response(ClusterSerializer(cluster).data)
 
 
-class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class NodeViewSet(ParseBodyFirstMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     permission_classes = [IsStaff]
     serializer_class = NodeSerializer
     filterset_fields = {"status": ["exact", "in"], "health": ["exact"], "cluster__name": ["exact"],
@@ -227,7 +227,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         })
 
 
-class MaintenanceWindowViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class MaintenanceWindowViewSet(ParseBodyFirstMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Planned maintenance. Windows are cancelled, never deleted."""
 
     permission_classes = [IsStaff]

@@ -1,10 +1,11 @@
 from rest_framework import viewsets
 
 from marketplace.api.permissions import HasTenant
+from marketplace.api.strict import ParseBodyFirstMixin
 from marketplace.tenants.selectors import request_tenant
 
 
-class TenantScopedMixin:
+class TenantScopedMixin(ParseBodyFirstMixin):
     """Tenant-facing views list and fetch only the caller's tenant's rows.
 
     Subclasses name a ``scoped_model`` (whose manager is a TenantScopedQuerySet) or override

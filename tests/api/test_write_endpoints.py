@@ -16,12 +16,16 @@ from marketplace.api.urls import router
 from marketplace.core.models import AuditLog
 from marketplace.inventory.models import MaintenanceWindow
 from tests.conftest import issue_token
-from tests.factories import GpuPriceFactory, MembershipFactory, NodeFactory, UserFactory
+from tests.factories import AllocationFactory, GpuPriceFactory, MembershipFactory, NodeFactory, UserFactory
 
-GARBAGE = [
+# Refused by every write route, whether or not it reads a body.
+BAD_BODIES = [
     ("malformed JSON", '{"name": '),
     ("a list", "[1, 2, 3]"),
     ("a string", '"hello"'),
+]
+# Refused by every create and update route (the ones that take fields).
+WRONG_FIELDS = [
     ("wrong types", json.dumps({"name": {"x": 1}, "status": 12345, "node_ids": "all", "role": None, "username": [],
                                 "starts_at": "soon", "gpus": "many", "price_per_gpu_hour": "free",
                                 "slug": "Not A Slug", "region": 7})),
@@ -29,29 +33,30 @@ GARBAGE = [
 
 
 def write_calls():
-    """(label, viewset, method, path template) for every write route; {key} is an existing row's key."""
+    """(label, viewset, method, path, takes_fields) for every write route; {key} is an existing row's key."""
     calls = []
     for prefix, viewset, _ in router.registry:
         base = f"/api/v1/{prefix}/"
         if hasattr(viewset, "create"):
-            calls.append((f"POST {base}", viewset, "post", base))
+            calls.append((f"POST {base}", viewset, "post", base, True))
         if hasattr(viewset, "partial_update"):
-            calls.append((f"PATCH {base}{{key}}/", viewset, "patch", base + "{key}/"))
+            calls.append((f"PATCH {base}{{key}}/", viewset, "patch", base + "{key}/", True))
         if hasattr(viewset, "update") and "put" in getattr(viewset, "http_method_names", []):
-            calls.append((f"PUT {base}{{key}}/", viewset, "put", base + "{key}/"))
+            calls.append((f"PUT {base}{{key}}/", viewset, "put", base + "{key}/", True))
         for extra in viewset.get_extra_actions():
             for method in extra.mapping:
                 if method in ("post", "put", "patch"):
                     path = f"{base}{{key}}/{extra.url_path}/" if extra.detail else f"{base}{extra.url_path}/"
-                    calls.append((f"{method.upper()} {path}", viewset, method, path))
-    return [pytest.param(viewset, method, path, id=label) for label, viewset, method, path in calls]
+                    calls.append((f"{method.upper()} {path}", viewset, method, path, False))
+    return [pytest.param(viewset, method, path, fields, id=label) for label, viewset, method, path, fields in calls]
 
 
 @pytest.fixture
 def rows(db):
-    """One row behind every route: an owner with a token, a member, inventory, a window, a price."""
+    """One row behind every route: an owner with a token, a member, inventory, a window, a price, a booking."""
     owner = MembershipFactory(role="owner")
     MembershipFactory(tenant=owner.tenant, role="member")
+    AllocationFactory(reservation__tenant=owner.tenant, reservation__created_by=owner.user)
     ops = UserFactory(is_staff=True)
     node = NodeFactory()
     GpuPriceFactory(gpu_model=node.gpu_model, region=node.cluster.region)
@@ -81,13 +86,13 @@ def first_key(client, viewset, path: str) -> str:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("viewset,method,path", write_calls())
-def test_every_write_endpoint_refuses_bad_input(viewset, method, path, rows):
+@pytest.mark.parametrize("viewset,method,path,takes_fields", write_calls())
+def test_every_write_endpoint_refuses_bad_input(viewset, method, path, takes_fields, rows):
     client = client_for(viewset, rows)
     if "{key}" in path:
         path = path.format(key=first_key(client, viewset, path))
     audit_rows = AuditLog.objects.count()
-    for label, body in GARBAGE:
+    for label, body in BAD_BODIES + (WRONG_FIELDS if takes_fields else []):
         # when the endpoint gets a bad body
         response = client.generic(method.upper(), path, body, content_type="application/json")
         # then it answers 4xx with the error shape, and nothing was written
