@@ -24,7 +24,7 @@ class ApiTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "prefix", "user", "tenant", "created_at", "last_used_at", "revoked_at"]
     # Tokens are issued (secret shown once) and revoked through the UI or API, never typed in here.
     readonly_fields = ["user", "tenant", "name", "prefix", "key_hash", "created_at", "last_used_at", "expires_at"]
+    list_select_related = ["user", "tenant"]
 
     def has_add_permission(self, request):
         return False
-    list_select_related = ["user", "tenant"]
