@@ -24,7 +24,12 @@ DEBUG = env.bool("DEBUG", default=DJANGO_ENV == "development")
 
 if IS_PRODUCTION:
     # Fail fast: a production process must never start with a guessable key.
-    SECRET_KEY = env.str("SECRET_KEY")
+    SECRET_KEY = env.str("SECRET_KEY", default="")
+    if not SECRET_KEY:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. In production (DJANGO_ENV=production, the default) it must come from the "
+            "environment; for a local run set DJANGO_ENV=development."
+        )
 else:
     SECRET_KEY = env.str("SECRET_KEY", default=f"insecure-{DJANGO_ENV}-only-key-do-not-use-in-production")
 
@@ -149,6 +154,11 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "marketplace.api.strict.ObjectJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "marketplace.api.pagination.DefaultPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -162,13 +172,25 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Several models have a "status"; name each choice set so the schema stays stable.
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStatusEnum": "marketplace.inventory.models.Node.Status",
+        "NodeHealthEnum": "marketplace.inventory.models.Node.Health",
+        "ClusterStatusEnum": "marketplace.inventory.models.Cluster.Status",
+        "ReservationStatusEnum": "marketplace.reservations.status.ReservationStatus",
+        "BillingStatusEnum": "marketplace.tenants.models.Tenant.BillingStatus",
+        "MembershipRoleEnum": "marketplace.tenants.models.Membership.Role",
+    },
 }
 
 # --- Celery -----------------------------------------------------------------------------------
 # Embedded default: kombu's filesystem transport, so worker and beat need no broker server.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "broker"
+    _broker_dir = Path(env.str("CELERY_BROKER_DIR", default=str(VAR_DIR / "broker")))
+    # kombu's filesystem transport does not create its folders; worker and beat fail without them.
+    for _folder in ("queue", "processed"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),

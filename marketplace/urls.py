@@ -11,3 +11,6 @@ urlpatterns = [
     path("api/", include("marketplace.api.urls")),
     path("", include("marketplace.web.urls")),
 ]
+
+# API clients get the JSON error shape for unexpected failures too; pages get the HTML page.
+handler500 = "marketplace.api.errors.server_error_view"

@@ -1,7 +1,9 @@
+from datetime import timedelta
 from decimal import Decimal
 
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, Node, Region
 from marketplace.tenants.models import Membership, Tenant
@@ -87,3 +89,33 @@ class NodeFactory(factory.django.DjangoModelFactory):
     topology_domain = "ib-0"
     status = Node.Status.AVAILABLE
     health = Node.Health.HEALTHY
+
+
+class ReservationFactory(factory.django.DjangoModelFactory):
+    """A confirmed reservation row (the booking service is the way to book; this only sets up data)."""
+
+    class Meta:
+        model = "reservations.Reservation"
+
+    tenant = factory.SubFactory(TenantFactory)
+    created_by = factory.SubFactory(UserFactory)
+    gpu_model = factory.SubFactory(GpuModelFactory)
+    cluster = factory.SubFactory(ClusterFactory)
+    gpus = 8
+    starts_at = factory.LazyFunction(lambda: timezone.now() + timedelta(days=1))
+    ends_at = factory.LazyAttribute(lambda o: o.starts_at + timedelta(hours=4))
+    status = "confirmed"
+    currency = "USD"
+    unit_price = Decimal("2.5000")
+    total_price = Decimal("80.00")
+
+
+class AllocationFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = "reservations.Allocation"
+
+    reservation = factory.SubFactory(ReservationFactory)
+    node = factory.SubFactory(NodeFactory)
+    starts_at = factory.LazyAttribute(lambda o: o.reservation.starts_at)
+    ends_at = factory.LazyAttribute(lambda o: o.reservation.ends_at)
+    blocked_until = factory.LazyAttribute(lambda o: o.ends_at + timedelta(minutes=30))

@@ -8,9 +8,11 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from marketplace.core.exceptions import ServiceError
+from marketplace.metrics import API_ERRORS
 
 
 def error_response(*, http_status: int, code: str, message: str, fields: dict | None = None, headers=None) -> Response:
+    API_ERRORS.labels(code=code).inc()
     return Response(
         {"error": {"code": code, "message": message, "fields": fields or {}}}, status=http_status, headers=headers
     )
@@ -64,7 +66,10 @@ def not_found_view(request, exception=None):
 
 def server_error_view(request):
     from django.http import JsonResponse
+    from django.views.defaults import server_error
 
+    if not request.path.startswith("/api/"):
+        return server_error(request)
     return JsonResponse(
         {"error": {"code": "server_error", "message": "Internal error; it has been logged.", "fields": {}}},
         status=status.HTTP_500_INTERNAL_SERVER_ERROR,

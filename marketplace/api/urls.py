@@ -1,9 +1,10 @@
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from marketplace.api import catalogue, accounts
 from marketplace.api import pools as pools_api
+from marketplace.api.errors import not_found_view
 
 router = DefaultRouter(trailing_slash=True)
 catalogue.register(router)
@@ -14,4 +15,6 @@ urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("v1/", include(router.urls)),
+    # Last: any other /api/ URL is a JSON 404 in the one error shape, not an HTML page.
+    re_path(r"^", not_found_view),
 ]

@@ -2,10 +2,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Count, Exists, OuterRef, Q, Sum
+from django.db.models import Exists, OuterRef, Sum
 from django.utils import timezone
 
-from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, Node, Region
+from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,85 @@ def fleet_gpu_counts(*, at: datetime | None = None) -> list[FleetCount]:
     return [FleetCount(*key, gpus) for key, gpus in sorted(totals.items())]
 
 
+@dataclass(frozen=True)
+class AllocationHold:
+    """A booking that holds a node in some period: what ops must know before taking the node away."""
+
+    node_id: int
+    node_name: str
+    reservation_id: str
+    tenant: str
+    starts_at: datetime
+    ends_at: datetime
+
+    def describe(self) -> str:
+        return (f"node {self.node_name} is booked by {self.tenant} (reservation {self.reservation_id}) "
+                f"{self.starts_at:%Y-%m-%d %H:%M} – {self.ends_at:%Y-%m-%d %H:%M} UTC")
+
+    def as_dict(self) -> dict:
+        return {"node_id": self.node_id, "node": self.node_name, "reservation_id": self.reservation_id,
+                "tenant": self.tenant, "starts_at": self.starts_at, "ends_at": self.ends_at}
+
+
+def allocations_holding(*, node_ids: list[int], after: datetime, before: datetime | None = None) -> list[AllocationHold]:
+    """Live allocations on these nodes that end after ``after`` (and start before ``before``)."""
+    from marketplace.reservations.models import Allocation
+
+    rows = Allocation.objects.filter(node_id__in=node_ids, state=Allocation.State.ACTIVE, ends_at__gt=after)
+    if before is not None:
+        rows = rows.filter(starts_at__lt=before)
+    rows = rows.select_related("node", "reservation__tenant").order_by("node__name", "starts_at")
+    return [
+        AllocationHold(node_id=row.node_id, node_name=row.node.name, reservation_id=str(row.reservation_id),
+                       tenant=row.reservation.tenant.slug, starts_at=row.starts_at, ends_at=row.ends_at)
+        for row in rows
+    ]
+
+
+def maintenance_window_list(*, filters: dict | None = None) -> Iterable[MaintenanceWindow]:
+    return MaintenanceWindow.objects.select_related("node__cluster").filter(**(filters or {})).order_by("starts_at", "id")
+
+
+def gpu_price_list() -> Iterable[GpuPrice]:
+    return GpuPrice.objects.select_related("gpu_model", "region").order_by("gpu_model__name", "region__code")
+
+
+FLEET_STATES = ["allocated", "idle", "maintenance", "offline"]
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    """One line of the utilisation table: GPUs per state for one model, region or cluster."""
+
+    key: str
+    by_state: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values())
+
+    @property
+    def cells(self) -> list[int]:
+        return [self.by_state.get(state, 0) for state in FLEET_STATES]
+
+    @property
+    def allocated_percent(self) -> int:
+        # Share of the rentable GPUs (allocated + idle) that are allocated.
+        rentable = self.by_state.get("allocated", 0) + self.by_state.get("idle", 0)
+        return round(100 * self.by_state.get("allocated", 0) / rentable) if rentable else 0
+
+
+def fleet_utilisation(*, by: str, at: datetime | None = None, counts: list[FleetCount] | None = None) -> list[FleetRow]:
+    """GPUs per state grouped by ``gpu_model``, ``region`` or ``cluster`` (one query, grouped here)."""
+    if by not in {"gpu_model", "region", "cluster"}:
+        raise ValueError(f"cannot group the fleet by {by!r}")
+    grouped: dict[str, dict[str, int]] = {}
+    for row in counts if counts is not None else fleet_gpu_counts(at=at):
+        states = grouped.setdefault(getattr(row, by), {})
+        states[row.state] = states.get(row.state, 0) + row.gpus
+    return [FleetRow(key=key, by_state=states) for key, states in sorted(grouped.items())]
+
+
 def gpu_model_catalogue() -> Iterable[GpuModel]:
     return GpuModel.objects.prefetch_related("prices__region").order_by("name")
 
@@ -58,7 +137,7 @@ def cluster_list() -> Iterable[Cluster]:
 
 
 def node_list(*, filters: dict | None = None) -> Iterable[Node]:
-    return Node.objects.select_related("cluster__region", "gpu_model").filter(**(filters or {}))
+    return Node.objects.select_related("cluster__region", "gpu_model").filter(**(filters or {})).order_by("cluster__name", "name")
 
 
 def gpu_price_for(*, gpu_model: GpuModel, region: Region) -> GpuPrice | None:

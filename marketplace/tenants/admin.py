@@ -1,17 +1,18 @@
 from django.contrib import admin
 
-from marketplace.core.admin import NoDeleteAdminMixin
+from marketplace.core.admin import AuditedAdminMixin
 from marketplace.tenants.models import ApiToken, Membership, Tenant
 
 
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
+    can_delete = False
     raw_id_fields = ["user"]
 
 
 @admin.register(Tenant)
-class TenantAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class TenantAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["slug", "name", "billing_status", "gpu_quota", "is_active"]
     list_filter = ["billing_status", "is_active"]
     search_fields = ["slug", "name"]
@@ -19,7 +20,11 @@ class TenantAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(NoDeleteAdminMixin, admin.ModelAdmin):
+class ApiTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "prefix", "user", "tenant", "created_at", "last_used_at", "revoked_at"]
-    readonly_fields = ["prefix", "key_hash", "created_at", "last_used_at"]
+    # Tokens are issued (secret shown once) and revoked through the UI or API, never typed in here.
+    readonly_fields = ["user", "tenant", "name", "prefix", "key_hash", "created_at", "last_used_at", "expires_at"]
     list_select_related = ["user", "tenant"]
+
+    def has_add_permission(self, request):
+        return False

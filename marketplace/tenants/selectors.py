@@ -53,3 +53,12 @@ def request_tenant(request) -> Tenant | None:
             tenant = memberships[0].tenant if memberships else None
     request._marketplace_tenant = tenant
     return tenant
+
+
+def api_tokens_of(*, user: AbstractBaseUser, tenant: Tenant):
+    """The user's own tokens in this tenant (others' tokens are not theirs to see)."""
+    return ApiToken.objects.for_tenant(tenant).filter(user=user).order_by("-created_at")
+
+
+def members_of(*, tenant: Tenant):
+    return Membership.objects.for_tenant(tenant).select_related("user").order_by("user__username")

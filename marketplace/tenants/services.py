@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from marketplace.core.exceptions import InvalidInput, NotFound, PermissionDenied
+from marketplace.core.exceptions import Conflict, InvalidInput, NotFound, PermissionDenied
 from marketplace.core.services import Actor, audit_record, snapshot
 from marketplace.tenants.models import ApiToken, Membership, Tenant
 
@@ -31,12 +31,14 @@ class IssuedToken:
 
 
 def tenant_create(
-    *, actor: Actor, slug: str, name: str, gpu_quota: int = 64, kubernetes_group: str = ""
+    *, actor: Actor, slug: str, name: str, gpu_quota: int = 64, kubernetes_group: str = "",
+    billing_status: str = Tenant.BillingStatus.GOOD,
 ) -> Tenant:
     if Tenant.objects.filter(slug=slug).exists():
         raise InvalidInput("A tenant with this slug already exists.", fields={"slug": ["already taken"]})
     with transaction.atomic():
-        tenant = Tenant(slug=slug, name=name, gpu_quota=gpu_quota, kubernetes_group=kubernetes_group)
+        tenant = Tenant(slug=slug, name=name, gpu_quota=gpu_quota, kubernetes_group=kubernetes_group,
+                        billing_status=billing_status)
         tenant.full_clean()
         tenant.save()
         audit_record(actor=actor, action="tenant.create", obj=tenant, tenant=tenant,
@@ -48,7 +50,8 @@ def tenant_update(*, actor: Actor, tenant: Tenant, **changes) -> Tenant:
     allowed = {"name", "billing_status", "gpu_quota", "kubernetes_group", "is_active"}
     unknown = set(changes) - allowed
     if unknown:
-        raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}.")
+        raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}.",
+                           fields={name: ["cannot be changed"] for name in sorted(unknown)})
     with transaction.atomic():
         tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
         before = snapshot(tenant, TENANT_AUDIT_FIELDS)
@@ -56,8 +59,9 @@ def tenant_update(*, actor: Actor, tenant: Tenant, **changes) -> Tenant:
             setattr(tenant, key, value)
         tenant.full_clean()
         tenant.save()
-        audit_record(actor=actor, action="tenant.update", obj=tenant, tenant=tenant,
-                     before=before, after=snapshot(tenant, TENANT_AUDIT_FIELDS))
+        after = snapshot(tenant, TENANT_AUDIT_FIELDS)
+        if before != after:
+            audit_record(actor=actor, action="tenant.update", obj=tenant, tenant=tenant, before=before, after=after)
     return tenant
 
 
@@ -75,6 +79,56 @@ def membership_add(*, actor: Actor, tenant: Tenant, user: AbstractBaseUser, role
         elif created:
             audit_record(actor=actor, action="membership.create", obj=membership, tenant=tenant,
                          after=snapshot(membership, ["user", "tenant", "role"]))
+    return membership
+
+
+def _require_owner(*, by: AbstractBaseUser, tenant: Tenant) -> None:
+    # Staff (ops) manage every tenant's members; inside a tenant only owners do.
+    if by.is_staff:
+        return
+    if not Membership.objects.filter(user=by, tenant=tenant, role=Membership.Role.OWNER).exists():
+        raise PermissionDenied("Only an owner of this tenant can manage its members.")
+
+
+def membership_create(*, actor: Actor, by: AbstractBaseUser, tenant: Tenant, username: str, role: str) -> Membership:
+    """Adds an existing user to the tenant with a role (owners only)."""
+    _require_owner(by=by, tenant=tenant)
+    if role not in Membership.Role.values:
+        raise InvalidInput(f"Unknown role {role!r}.", fields={"role": [f"one of {', '.join(Membership.Role.values)}"]})
+    user = get_user_model().objects.filter(username=username, is_active=True).first()
+    if user is None:
+        raise InvalidInput(f"No active user named {username!r}.", fields={"username": ["no such user"]})
+    with transaction.atomic():
+        membership = Membership(user=user, tenant=tenant, role=role)
+        membership.full_clean()  # the unique constraint's own message if they are already a member
+        membership.save()
+        audit_record(actor=actor, action="membership.create", obj=membership, tenant=tenant,
+                     after=snapshot(membership, ["user", "tenant", "role"]))
+    return membership
+
+
+def membership_change_role(*, actor: Actor, by: AbstractBaseUser, tenant: Tenant, membership_id: int,
+                           role: str) -> Membership:
+    """Changes a member's role (owners only). A tenant always keeps at least one owner."""
+    _require_owner(by=by, tenant=tenant)
+    if role not in Membership.Role.values:
+        raise InvalidInput(f"Unknown role {role!r}.", fields={"role": [f"one of {', '.join(Membership.Role.values)}"]})
+    with transaction.atomic():
+        # Lock every owner row of the tenant so two owners cannot demote each other at once.
+        owners = list(Membership.objects.select_for_update().filter(tenant=tenant, role=Membership.Role.OWNER))
+        membership = Membership.objects.for_tenant(tenant).select_for_update().filter(pk=membership_id).first()
+        if membership is None:
+            raise NotFound("No such member.")
+        if membership.role == role:
+            return membership
+        if membership.role == Membership.Role.OWNER and len(owners) == 1:
+            raise Conflict("A tenant needs at least one owner; make someone else owner first.", code="last_owner",
+                           fields={"role": ["the last owner cannot be demoted"]})
+        before = snapshot(membership, ["role"])
+        membership.role = role
+        membership.save(update_fields=["role"])
+        audit_record(actor=actor, action="membership.update", obj=membership, tenant=tenant,
+                     before=before, after=snapshot(membership, ["role"]))
     return membership
 
 
@@ -101,9 +155,13 @@ def api_token_issue(
     return IssuedToken(token=token, raw=raw)
 
 
-def api_token_revoke(*, actor: Actor, token_id: int, tenant: Tenant) -> ApiToken:
+def api_token_revoke(*, actor: Actor, token_id: int, tenant: Tenant, user: AbstractBaseUser | None = None) -> ApiToken:
+    """Revokes a token of the tenant (of ``user`` only, when given). Revoking twice changes nothing."""
     with transaction.atomic():
-        token = ApiToken.objects.for_tenant(tenant).select_for_update().filter(pk=token_id).first()
+        tokens = ApiToken.objects.for_tenant(tenant)
+        if user is not None:
+            tokens = tokens.filter(user=user)
+        token = tokens.select_for_update().filter(pk=token_id).first()
         if token is None:
             raise NotFound("No such token.")
         if token.revoked_at is None:

@@ -32,3 +32,25 @@ def test_metrics_elsewhere_need_the_bearer_token(client, settings):
     assert client.get("/metrics", REMOTE_ADDR="203.0.113.9").status_code == 403
     ok = client.get("/metrics", REMOTE_ADDR="203.0.113.9", HTTP_AUTHORIZATION="Bearer s3cret")
     assert ok.status_code == 200
+
+
+@pytest.mark.django_db
+def test_readyz_is_503_when_the_broker_is_unreachable(client, settings):
+    # given a broker URL nothing listens on
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+    # when the readiness probe runs
+    response = client.get("/readyz")
+    # then it reports the broker, not the database, as the problem
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["broker"].startswith("error")
+
+
+@pytest.mark.django_db
+def test_readyz_is_200_on_the_embedded_broker(client, settings):
+    settings.CELERY_BROKER_URL = "filesystem://"
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}

@@ -87,3 +87,18 @@ class TestTokenApi:
         response = client.post("/api/v1/tokens/", {"name": "x"}, format="json")
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "permission_denied"
+
+
+@pytest.mark.django_db
+def test_session_calls_to_the_api_need_the_csrf_token(member, tenant):
+    # given a member signed in to the web UI (a session cookie, no API token)
+    from rest_framework.test import APIClient
+
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(member)
+    # when a page's script writes through the API without the CSRF token
+    response = client.post("/api/v1/tokens/", {"name": "from-a-page"}, format="json")
+    # then it is refused, and nothing is created
+    assert response.status_code == 403
+    assert "CSRF" in response.json()["error"]["message"]
+    assert not ApiToken.objects.filter(name="from-a-page").exists()

@@ -1,14 +1,16 @@
 """Build a realistic small demo fleet, tenants and users. Safe to run again: nothing is duplicated."""
 
+from datetime import timedelta
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.utils import timezone
 
 from marketplace.core.services import Actor
 from marketplace.inventory import services as inventory
-from marketplace.inventory.models import Node
+from marketplace.inventory.models import MaintenanceWindow, Node
 from marketplace.tenants import services as tenants
 from marketplace.tenants.models import ApiToken, Tenant
 
@@ -37,6 +39,11 @@ TENANTS = [
     ("quanta", "Quanta Models", 64, [("frank", "owner")]),
 ]
 DEMO_PASSWORD = "demo-password-123"
+# Planned maintenance ops see on the inventory page: (node, days from now, hours, reason).
+MAINTENANCE = [
+    ("use-alpha-h100-ib0-01", 2, 6, "Demo: InfiniBand cable replacement"),
+    ("euw-gamma-a100-ib0-02", 5, 12, "Demo: GPU firmware upgrade"),
+]
 
 
 class Command(BaseCommand):
@@ -45,6 +52,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         with transaction.atomic():
             self._fleet()
+            self._maintenance()
             token_line = self._people()
         gpus = sum(Node.objects.values_list("gpu_count", flat=True))
         self.stdout.write(self.style.SUCCESS(f"Demo fleet: {Node.objects.count()} nodes, {gpus} GPUs."))
@@ -70,15 +78,26 @@ class Command(BaseCommand):
                         node_name = f"{cluster_name}-{short}-ib{island}-{index:02d}"
                         # Every eleventh node is in maintenance, so ops and tenants see it excluded.
                         in_maintenance = (island * per_island + index) % 11 == 10
-                        Node.objects.get_or_create(
-                            cluster=cluster, name=node_name,
-                            defaults={
-                                "gpu_model": models[model_name], "gpu_count": 8, "cpu_cores": 224,
-                                "memory_gb": 2048, "topology_domain": f"{cluster_name}-{short}-ib{island}",
-                                "status": Node.Status.MAINTENANCE if in_maintenance else Node.Status.AVAILABLE,
-                                "health": Node.Health.HEALTHY,
-                            },
+                        if Node.objects.filter(cluster=cluster, name=node_name).exists():
+                            continue
+                        inventory.node_create(
+                            actor=ACTOR, cluster=cluster, name=node_name, gpu_model=models[model_name],
+                            gpu_count=8, cpu_cores=224, memory_gb=2048,
+                            topology_domain=f"{cluster_name}-{short}-ib{island}",
+                            status=Node.Status.MAINTENANCE if in_maintenance else Node.Status.AVAILABLE,
+                            # No cluster to observe in the demo: the plan-only fleet is taken as healthy.
+                            health=Node.Health.HEALTHY,
                         )
+
+    def _maintenance(self) -> None:
+        start_of_day = timezone.now().replace(hour=8, minute=0, second=0, microsecond=0)
+        for node_name, days, hours, reason in MAINTENANCE:
+            node = Node.objects.get(name=node_name)
+            if MaintenanceWindow.objects.filter(node=node, reason=reason, cancelled_at__isnull=True).exists():
+                continue
+            starts_at = start_of_day + timedelta(days=days)
+            inventory.maintenance_window_create(actor=ACTOR, node=node, starts_at=starts_at,
+                                                ends_at=starts_at + timedelta(hours=hours), reason=reason)
 
     def _people(self) -> str:
         User = get_user_model()

@@ -1,0 +1,73 @@
+"""The admin never offers a delete that would lose a business record, and audits what it changes."""
+
+import pytest
+from django.contrib import admin
+from django.test import RequestFactory
+
+from marketplace.core.models import AuditLog
+from tests.factories import NodeFactory, UserFactory
+
+
+def business_admins():
+    # Every model of the project's own apps is a business record (inventory, tenants, bookings, audit…).
+    return [
+        (model, model_admin) for model, model_admin in admin.site._registry.items()
+        if model.__module__.startswith("marketplace.")
+    ]
+
+
+def test_business_models_are_registered():
+    labels = {model._meta.label_lower for model, _ in business_admins()}
+    assert {"core.auditlog", "tenants.tenant", "inventory.node"} <= labels
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model,model_admin", business_admins(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_no_registered_admin_deletes_business_records(model, model_admin):
+    # given a superuser in the admin
+    request = RequestFactory().get("/admin/")
+    request.user = UserFactory(is_staff=True, is_superuser=True)
+    # then neither the object page nor the bulk action offers delete, nor does any inline
+    assert model_admin.has_delete_permission(request) is False
+    assert "delete_selected" not in model_admin.get_actions(request)
+    for inline in model_admin.get_inline_instances(request):
+        # Django lets an inline delete only when both allow it.
+        deletes = inline.can_delete and inline.has_delete_permission(request)
+        assert not deletes, f"{type(inline).__name__} of {model.__name__} can delete rows"
+
+
+@pytest.mark.django_db
+def test_admin_change_writes_an_audit_row(client):
+    # given ops editing a node in the admin
+    ops = UserFactory(is_staff=True, is_superuser=True)
+    node = NodeFactory(topology_domain="ib-0")
+    client.force_login(ops)
+    page = client.get(f"/admin/inventory/node/{node.pk}/change/")
+    form = page.context["adminform"].form
+    data = {name: form[name].value() if form[name].value() is not None else "" for name in form.fields}
+    data.update({"topology_domain": "ib-7", "maintenance_windows-TOTAL_FORMS": "0",
+                 "maintenance_windows-INITIAL_FORMS": "0"})
+    data = {key: value for key, value in data.items() if value is not None}
+    # when the change is saved
+    response = client.post(f"/admin/inventory/node/{node.pk}/change/", data)
+    # then it is saved and audited with before and after
+    assert response.status_code == 302, response.content[:2000]
+    row = AuditLog.objects.get(action="node.admin_update", object_id=str(node.pk))
+    assert row.before["topology_domain"] == "ib-0" and row.after["topology_domain"] == "ib-7"
+    assert row.actor == f"user:{ops.username}"
+
+
+@pytest.mark.django_db
+def test_admin_status_action_refuses_booked_nodes(client):
+    # given ops in the admin, a free node and a booked one
+    from marketplace.inventory.models import Node
+    from tests.factories import AllocationFactory
+
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    free, booked = NodeFactory(), AllocationFactory().node
+    # when they put both into maintenance with the admin action
+    response = client.post("/admin/inventory/node/", {"action": "set_maintenance",
+                                                      "_selected_action": [free.pk, booked.pk]}, follow=True)
+    # then nothing changes and the booked node is named
+    assert booked.name in response.content.decode()
+    assert set(Node.objects.values_list("status", flat=True)) == {"available"}

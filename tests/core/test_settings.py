@@ -1,0 +1,62 @@
+"""Production defaults: refuse to start without SECRET_KEY; with it, DEBUG off and cookies secure."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PRINT_SETTINGS = (
+    "import json; from django.conf import settings; "
+    "print(json.dumps({'DEBUG': settings.DEBUG, 'SESSION_COOKIE_SECURE': settings.SESSION_COOKIE_SECURE, "
+    "'CSRF_COOKIE_SECURE': settings.CSRF_COOKIE_SECURE, 'ALLOWED_HOSTS': settings.ALLOWED_HOSTS}))"
+)
+
+
+def load_settings(**overrides: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key not in {"SECRET_KEY", "DEBUG", "SECURE_COOKIES"}}
+    environment.update({"DJANGO_SETTINGS_MODULE": "marketplace.settings", **overrides})
+    return subprocess.run(
+        [sys.executable, "-c", PRINT_SETTINGS], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_production_without_secret_key_refuses_to_start():
+    # given production (the default DJANGO_ENV) and no SECRET_KEY
+    # when the settings are loaded
+    result = load_settings(DJANGO_ENV="production")
+    # then the process fails with a message that names the missing variable
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert "SECRET_KEY is not set" in result.stderr
+
+
+def test_production_with_secret_key_has_safe_defaults():
+    # given production with a secret key
+    result = load_settings(DJANGO_ENV="production", SECRET_KEY="a-long-random-production-secret")
+    # then DEBUG is off, cookies are secure and no host is allowed until configured
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {"DEBUG": False, "SESSION_COOKIE_SECURE": True, "CSRF_COOKIE_SECURE": True, "ALLOWED_HOSTS": []}
+
+
+def test_unknown_environment_name_is_refused():
+    result = load_settings(DJANGO_ENV="staging")
+    assert result.returncode != 0
+    assert "DJANGO_ENV must be production, development or test" in result.stderr
+
+
+def test_embedded_default_is_sqlite_immediate_and_a_serverless_broker():
+    # given development with no DATABASE_URL and no CELERY_BROKER_URL
+    probe = subprocess.run(
+        [sys.executable, "-c", "from django.conf import settings; print(settings.DATABASES['default']['OPTIONS']"
+         "['transaction_mode'], settings.CELERY_BROKER_URL)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k not in {"CELERY_BROKER_URL", "DATABASE_URL"}},
+             "DJANGO_SETTINGS_MODULE": "marketplace.settings", "DJANGO_ENV": "development"},
+    )
+    # then write transactions start IMMEDIATE and the broker needs no server
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["IMMEDIATE", "filesystem://"]
