@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff
 from marketplace.api.scoping import TenantScopedViewSet
+from marketplace.api.strict import EmptyBodySerializer, ParseBodyFirstMixin
 from marketplace.core.services import Actor
 from marketplace.pools import selectors, services
 from marketplace.pools.selectors import PLAN_ONLY_LABEL, usage_instructions
@@ -48,6 +49,8 @@ class PlannedOperationSerializer(serializers.Serializer):
 
 
 class PoolSummarySerializer(serializers.Serializer):
+    # A pool is addressed by its reservation's id (/api/v1/pools/{id}/), like every other resource.
+    id = serializers.UUIDField(source="pk")
     reservation_id = serializers.UUIDField(source="pk")
     pool = serializers.CharField(source="pool_name")
     status = serializers.CharField()
@@ -136,7 +139,7 @@ class OpenDowntimeSerializer(DowntimeSerializer):
     reservation_id = serializers.UUIDField()
 
 
-class SchedulerOpsViewSet(viewsets.ViewSet):
+class SchedulerOpsViewSet(ParseBodyFirstMixin, viewsets.ViewSet):
     """Ops: scheduler health (overdue due events, stale claims, failures) and retrying failures."""
 
     permission_classes = [IsStaff]
@@ -162,6 +165,7 @@ class SchedulerOpsViewSet(viewsets.ViewSet):
     def retry(self, request, pk=None):
         """Retry a failed reservation: its nodes are allocated again (if still free) and it goes
         back to confirmed, so the scheduler provisions it at once."""
+        EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
         reservation = services.reservation_retry(reservation_id=pk, actor=Actor.for_user(request.user),
                                                  now=timezone.now())
         reservation.refresh_from_db()

@@ -56,13 +56,13 @@ def rows(db):
     """One row behind every route: an owner with a token, a member, inventory, a window, a price, a booking."""
     owner = MembershipFactory(role="owner")
     MembershipFactory(tenant=owner.tenant, role="member")
-    AllocationFactory(reservation__tenant=owner.tenant, reservation__created_by=owner.user)
+    allocation = AllocationFactory(reservation__tenant=owner.tenant, reservation__created_by=owner.user)
     ops = UserFactory(is_staff=True)
     node = NodeFactory()
     GpuPriceFactory(gpu_model=node.gpu_model, region=node.cluster.region)
     start = timezone.now() + timedelta(days=1)
     MaintenanceWindow.objects.create(node=node, starts_at=start, ends_at=start + timedelta(hours=2))
-    return {"owner": owner, "ops": ops}
+    return {"owner": owner, "ops": ops, "reservation": allocation.reservation}
 
 
 def client_for(viewset, rows) -> APIClient:
@@ -76,8 +76,17 @@ def client_for(viewset, rows) -> APIClient:
     return client
 
 
-def first_key(client, viewset, path: str) -> str:
-    listed = client.get(path.split("{key}")[0]).json()
+# Routes whose list is a report rather than rows name the row their detail actions act on.
+DETAIL_KEYS = {
+    "/api/v1/ops/scheduler/": lambda rows: rows["reservation"].pk,
+}
+
+
+def first_key(client, viewset, path: str, rows_fixture: dict) -> str:
+    base = path.split("{key}")[0]
+    if base in DETAIL_KEYS:
+        return str(DETAIL_KEYS[base](rows_fixture))
+    listed = client.get(base).json()
     rows = listed["results"] if isinstance(listed, dict) and "results" in listed else listed
     rows = rows if isinstance(rows, list) else [rows]
     field = getattr(viewset, "lookup_field", "pk")
@@ -90,7 +99,7 @@ def first_key(client, viewset, path: str) -> str:
 def test_every_write_endpoint_refuses_bad_input(viewset, method, path, takes_fields, rows):
     client = client_for(viewset, rows)
     if "{key}" in path:
-        path = path.format(key=first_key(client, viewset, path))
+        path = path.format(key=first_key(client, viewset, path, rows))
     audit_rows = AuditLog.objects.count()
     for label, body in BAD_BODIES + (WRONG_FIELDS if takes_fields else []):
         # when the endpoint gets a bad body
