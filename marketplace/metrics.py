@@ -1,6 +1,9 @@
 """Every Prometheus metric of the project is defined here. No tenant or reservation ids in labels."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -30,7 +33,6 @@ class FleetCollector:
         yield gauge
 
 
-REGISTRY.register(FleetCollector())
 
 API_ERRORS = Counter(
     "marketplace_api_errors_total", "API responses with an error status, by code.", ["code"], registry=REGISTRY
@@ -105,4 +107,54 @@ class SchedulerCollector:
         yield downtimes
 
 
-REGISTRY.register(SchedulerCollector())
+DATABASE_COLLECTORS = (FleetCollector(), SchedulerCollector())
+for _collector in DATABASE_COLLECTORS:
+    REGISTRY.register(_collector)
+
+
+def _multiprocess() -> bool:
+    # prometheus-client reads this variable itself, at import time, in every process: gunicorn
+    # workers and prefork Celery children then write their counters to files in that folder.
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def web_registry() -> CollectorRegistry:
+    """What the web's /metrics serves: the database-backed gauges plus the counters of every web
+    process (all gunicorn workers in multiprocess mode, not just the one answering)."""
+    if not _multiprocess():
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    for collector in DATABASE_COLLECTORS:
+        registry.register(collector)
+    return registry
+
+
+def worker_registry() -> CollectorRegistry:
+    """What a Celery worker serves: the counters its task processes increment (Kubernetes requests,
+    scheduler steps). The database-backed gauges are the web's, so they are not served twice."""
+    registry = CollectorRegistry()
+    if _multiprocess():
+        MultiProcessCollector(registry)
+        return registry
+    for collector in (API_ERRORS, BOOKINGS, SCHEDULER_TASKS, KUBERNETES_REQUESTS, SCHEDULER_TASK_SECONDS,
+                      SCHEDULER_STEPS, POOL_NODE_SWAPS):
+        registry.register(collector)
+    return registry
+
+
+def multiprocess_dir_reset() -> None:
+    """Empty the multiprocess folder at start-up, so counters of a previous run are not summed in."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
+
+
+def worker_metrics_serve(*, port: int, addr: str) -> None:
+    """Serve the worker's metrics over HTTP from the worker's main process (before it forks)."""
+    multiprocess_dir_reset()
+    start_http_server(port, addr=addr, registry=worker_registry())

@@ -242,6 +242,10 @@ MARKETPLACE = {
 # /metrics is open on loopback; elsewhere it needs this bearer token or an allowed network.
 METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")
 METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"])
+# A Celery worker serves its own counters on this port (0: off). Its task processes share them
+# through PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads from the environment itself.
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0)
+WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", default="127.0.0.1")
 
 LOGGING = {
     "version": 1,

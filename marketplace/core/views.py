@@ -7,7 +7,7 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from marketplace.metrics import REGISTRY
+from marketplace.metrics import web_registry
 
 
 @never_cache
@@ -57,4 +57,4 @@ def metrics(request):
         return JsonResponse(
             {"error": {"code": "forbidden", "message": "Metrics are for operations only.", "fields": {}}}, status=403
         )
-    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(generate_latest(web_registry()), content_type=CONTENT_TYPE_LATEST)

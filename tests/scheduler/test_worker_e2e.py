@@ -9,9 +9,11 @@ Needs PostgreSQL (the workers share the test database) and Redis at ``TEST_REDIS
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -51,7 +53,13 @@ def database_url() -> str:
     return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
-def start_worker(index: int, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_worker(index: int, tmp_path: Path, metrics_port: int = 0) -> tuple[subprocess.Popen, Path]:
     env = {
         **os.environ,
         "DJANGO_ENV": "test",
@@ -62,6 +70,9 @@ def start_worker(index: int, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
         "MARKETPLACE_RETRY_BACKOFF_SECONDS": "1",
         "MARKETPLACE_DRAIN_GRACE_SECONDS": "2",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # the worker's task processes share their counters through this folder; the main process serves them
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{index}"),
+        "WORKER_METRICS_PORT": str(metrics_port),
     }
     log = tmp_path / f"worker-{index}.log"
     process = subprocess.Popen(
@@ -71,6 +82,11 @@ def start_worker(index: int, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
         cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     return process, log
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -110,7 +126,8 @@ def test_real_workers_and_beats_take_a_reservation_from_confirmed_to_completed(f
     namespace = f"tenant-{reservation.tenant.slug}"
 
     # when two workers with a beat each run
-    workers = [start_worker(index, tmp_path) for index in (1, 2)]
+    metrics_ports = {1: free_port(), 2: free_port()}
+    workers = [start_worker(index, tmp_path, metrics_ports[index]) for index in (1, 2)]
     logs = [log for _, log in workers]
     try:
         def status():
@@ -126,9 +143,16 @@ def test_real_workers_and_beats_take_a_reservation_from_confirmed_to_completed(f
         assert fake_server.get("resourcequotas", "gpu-quota", namespace) is not None
         # and the notice is posted, and at the end the pool is released
         wait_for(lambda: status() == S.COMPLETED, 60, logs)
+        # and the workers' own metrics endpoints show the Kubernetes requests their task processes made
+        scraped = "".join(scrape(port) for port in metrics_ports.values())
     finally:
         for process, _ in workers:
             stop(process)
+
+    kube_requests = sum(float(line.rsplit(" ", 1)[1]) for line in scraped.splitlines()
+                        if line.startswith('marketplace_kubernetes_requests_total{cluster="e2e-fake"'))
+    assert kube_requests > 0, scraped
+    assert "marketplace_scheduler_tasks_total{" in scraped
 
     # then the labels, taints and namespace are gone from the server
     for node in nodes:
