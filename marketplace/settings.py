@@ -199,6 +199,16 @@ MARKETPLACE = {
     "MAX_DURATION": timedelta(days=env.int("MARKETPLACE_MAX_DURATION_DAYS", default=90)),
     "MAX_LEAD_TIME": timedelta(days=env.int("MARKETPLACE_MAX_LEAD_TIME_DAYS", default=180)),
     "DEFAULT_CURRENCY": env.str("MARKETPLACE_DEFAULT_CURRENCY", default="USD"),
+    # The scheduler's start event is due this long before a reservation starts (pool provisioning).
+    "PROVISIONING_LEAD": timedelta(minutes=env.int("MARKETPLACE_PROVISIONING_LEAD_MINUTES", default=5)),
+    # The tenant is told this long before the end that the pool will be drained.
+    "END_NOTICE": timedelta(minutes=env.int("MARKETPLACE_END_NOTICE_MINUTES", default=15)),
+    # A booking that loses a race for nodes retries on other free nodes this many times.
+    "BOOKING_RETRIES": env.int("MARKETPLACE_BOOKING_RETRIES", default=4),
+    # earliest=true searches at most this far ahead by default (and never beyond MAX_LEAD_TIME).
+    "SEARCH_HORIZON": timedelta(days=env.int("MARKETPLACE_SEARCH_HORIZON_DAYS", default=14)),
+    # The capacity calendar returns at most this many buckets.
+    "CAPACITY_MAX_BUCKETS": env.int("MARKETPLACE_CAPACITY_MAX_BUCKETS", default=500),
 }
 
 # /metrics is open on loopback; elsewhere it needs this bearer token or an allowed network.

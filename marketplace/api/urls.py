@@ -2,14 +2,17 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from marketplace.api import catalogue, accounts
+from marketplace.api import catalogue, accounts, reservations
 
 router = DefaultRouter(trailing_slash=True)
 catalogue.register(router)
 accounts.register(router)
+reservations.register(router)
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("v1/availability/", reservations.AvailabilityView.as_view(), name="availability"),
+    path("v1/capacity/", reservations.CapacityView.as_view(), name="capacity"),
     path("v1/", include(router.urls)),
 ]
