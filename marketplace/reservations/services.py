@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput
@@ -127,6 +127,11 @@ def _is_double_booking(exc: IntegrityError) -> bool:
     return getattr(getattr(cause, "diag", None), "constraint_name", None) == "allocation_no_double_booking"
 
 
+def _is_deadlock(exc: OperationalError) -> bool:
+    # Two bookings waiting on each other's uncommitted allocations: PostgreSQL aborts one of them.
+    return getattr(exc.__cause__, "sqlstate", None) in ("40P01", "40001")
+
+
 def _is_idempotency_race(exc: IntegrityError) -> bool:
     cause = exc.__cause__
     name = getattr(getattr(cause, "diag", None), "constraint_name", None)
@@ -176,6 +181,9 @@ def reservation_create(
             if not _is_double_booking(exc):
                 raise
             # Lost a race for a node: the transaction rolled back entirely; look again.
+        except OperationalError as exc:
+            if not _is_deadlock(exc):
+                raise
     raise InsufficientCapacity(
         f"Could not book {gpus} {model.name} GPUs: other bookings took the free nodes at the same moment. Try again."
     )
@@ -193,7 +201,9 @@ def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region 
                          gpus=gpus, enforce=enforce)
     found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
                                           same_domain=same_domain)
-    node_ids = _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end) if found.offers else []
+    # Sorted: concurrent bookings insert allocations in one global order, so they wait on each
+    # other instead of deadlocking.
+    node_ids = sorted(_pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)) if found.offers else []
     if not node_ids:
         reason = found.reason or {"message": "The free nodes were taken meanwhile."}
         raise InsufficientCapacity(reason["message"])
