@@ -29,6 +29,10 @@ class InsufficientCapacity(Conflict):
     code = "insufficient_capacity"
 
 
+class _NodesTaken(Exception):
+    """Internal: the offer's nodes were taken by concurrent bookings; the booking retries."""
+
+
 class IdempotencyKeyReused(Conflict):
     http_status = 422
     code = "idempotency_key_reused"
@@ -105,20 +109,24 @@ def _due_events(reservation: Reservation) -> dict[str, datetime]:
 
 
 def _pick_nodes(*, gpu_model: GpuModel, offer: selectors.Offer, start: datetime, end: datetime) -> list[int]:
-    """Concrete free nodes for an offer, chosen at random within its domains.
+    """Concrete free nodes for an offer, chosen at random within its domains, and row-locked.
 
-    Random rather than first-by-name so that concurrent bookings of the same window rarely reach
-    for the same nodes (each collision costs the loser a retry).
+    Random, and SKIP LOCKED on PostgreSQL: concurrent bookings of the same window take disjoint
+    nodes instead of inserting clashing allocations (two transactions inserting clashing rows
+    under an exclusion constraint wait on each other until the deadlock detector ends one).
+    The exclusion constraint still decides if the snapshot was stale.
     """
     free = selectors.free_nodes(gpu_model=gpu_model, start=start, end=end).filter(
         cluster_id=offer.cluster_id, topology_domain__in=offer.domains)
-    by_domain: dict[str, list[int]] = {}
-    for pk, domain in free.values_list("pk", "topology_domain"):
-        by_domain.setdefault(domain, []).append(pk)
     chosen: list[int] = []
     for domain in offer.domains:
-        candidates = by_domain.get(domain, [])
-        chosen += random.sample(candidates, min(len(candidates), offer.nodes - len(chosen)))
+        wanted = offer.nodes - len(chosen)
+        if not wanted:
+            break
+        chosen += list(
+            Node.objects.filter(pk__in=free.filter(topology_domain=domain).values("pk")).order_by("?")
+            .select_for_update(no_key=True, skip_locked=True).values_list("pk", flat=True)[:wanted]
+        )
     return chosen if len(chosen) == offer.nodes else []
 
 
@@ -184,6 +192,8 @@ def reservation_create(
         except OperationalError as exc:
             if not _is_deadlock(exc):
                 raise
+        except _NodesTaken:
+            pass
     raise InsufficientCapacity(
         f"Could not book {gpus} {model.name} GPUs: other bookings took the free nodes at the same moment. Try again."
     )
@@ -204,9 +214,10 @@ def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region 
     # Sorted: concurrent bookings insert allocations in one global order, so they wait on each
     # other instead of deadlocking.
     node_ids = sorted(_pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)) if found.offers else []
+    if not found.offers:
+        raise InsufficientCapacity(found.reason["message"])
     if not node_ids:
-        reason = found.reason or {"message": "The free nodes were taken meanwhile."}
-        raise InsufficientCapacity(reason["message"])
+        raise _NodesTaken()  # concurrent bookings hold them right now: search again
     offer = found.offers[0]
     reservation = Reservation.objects.create(
         tenant=tenant, created_by=actor.user if actor.user is not None else tenant_owner_or_error(tenant),
