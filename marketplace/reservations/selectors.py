@@ -63,15 +63,18 @@ def bookable_nodes(*, gpu_model: GpuModel, region: Region | None = None) -> Quer
 def allocations_overlapping(*, start: datetime, end: datetime) -> QuerySet[Allocation]:
     """Non-cancelled allocations whose blocked period overlaps [start, end).
 
-    On PostgreSQL the test is written as a range overlap on exactly the expression and predicate of
-    the exclusion constraint, so the planner can use that constraint's GiST index instead of
-    walking every node's whole allocation history.
+    On PostgreSQL the test is also written as a range overlap on exactly the expression and
+    predicate of the GiST indexes, so the planner can scan the window once instead of walking
+    every node's allocation history.
     """
     live = Allocation.objects.exclude(state=Allocation.State.CANCELLED)
+    overlapping = live.filter(starts_at__lt=end, blocked_until__gt=start)
     if connection.vendor == "postgresql":
-        return live.annotate(period=TsTzRange("starts_at", "blocked_until", RangeBoundary())).filter(
+        # Both forms of the same test: the range overlap lets a fleet-wide search use the covering
+        # GiST index; the plain comparisons let a one-node probe use allocation_node_busy_idx.
+        return overlapping.annotate(period=TsTzRange("starts_at", "blocked_until", RangeBoundary())).filter(
             period__overlap=DateTimeTZRange(start, end, "[)"))
-    return live.filter(starts_at__lt=end, blocked_until__gt=start)
+    return overlapping
 
 
 def maintenance_overlapping(*, start: datetime, end: datetime) -> QuerySet[MaintenanceWindow]:
@@ -87,6 +90,15 @@ def free_nodes(*, gpu_model: GpuModel, start: datetime, end: datetime, region: R
         busy = busy.exclude(reservation=ignore_reservation)
     maintenance = maintenance_overlapping(start=start, end=padded_end).filter(node_id=OuterRef("pk"))
     return bookable_nodes(gpu_model=gpu_model, region=region).filter(~Exists(busy), ~Exists(maintenance))
+
+
+def priced_clusters(*, gpu_model: GpuModel, region: Region | None = None) -> list[tuple[Cluster, GpuPrice]]:
+    """Active clusters where ``gpu_model`` has a price, cheapest first (then by name)."""
+    prices = {price.region_id: price for price in GpuPrice.objects.filter(gpu_model=gpu_model)}
+    clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE, region_id__in=list(prices)).select_related("region")
+    if region is not None:
+        clusters = clusters.filter(region=region)
+    return sorted(((c, prices[c.region_id]) for c in clusters), key=lambda cp: (cp[1].price_per_gpu_hour, cp[0].name))
 
 
 def free_node_counts(*, gpu_model: GpuModel, start: datetime, end: datetime,

@@ -108,25 +108,53 @@ def _due_events(reservation: Reservation) -> dict[str, datetime]:
     }
 
 
-def _pick_nodes(*, gpu_model: GpuModel, offer: selectors.Offer, start: datetime, end: datetime) -> list[int]:
-    """Concrete free nodes for an offer, chosen at random within its domains, and row-locked.
+def _lock_random(free_nodes, count: int) -> list[int]:
+    """Up to ``count`` of these free nodes, at random, row-locked, skipping nodes locked by others.
 
     Random, and SKIP LOCKED on PostgreSQL: concurrent bookings of the same window take disjoint
     nodes instead of inserting clashing allocations (two transactions inserting clashing rows
     under an exclusion constraint wait on each other until the deadlock detector ends one).
-    The exclusion constraint still decides if the snapshot was stale.
+    The exclusion constraint still decides if a snapshot was stale.
     """
-    free = selectors.free_nodes(gpu_model=gpu_model, start=start, end=end).filter(
-        cluster_id=offer.cluster_id, topology_domain__in=offer.domains)
+    return list(Node.objects.filter(pk__in=free_nodes.values("pk")).order_by("?")
+                .select_for_update(no_key=True, skip_locked=True).values_list("pk", flat=True)[:count])
+
+
+def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: datetime,
+               end: datetime) -> tuple[selectors.Offer, list[int]] | None:
+    """The cheapest cluster's first topology domain with ``nodes`` free nodes, and those nodes.
+
+    Walks free nodes domain by domain (one index probe per node) and stops at the first domain
+    that fits, so a booking does not count the whole fleet. None if no single domain fits.
+    """
+    gpus = nodes * model.gpus_per_node
+    for cluster, price in selectors.priced_clusters(gpu_model=model, region=region):
+        free = selectors.free_nodes(gpu_model=model, start=start, end=end).filter(cluster=cluster)
+        counts: dict[str, int] = {}
+        for domain in free.order_by("topology_domain").values_list("topology_domain", flat=True).iterator(chunk_size=64):
+            counts[domain] = counts.get(domain, 0) + 1
+            if counts[domain] != nodes:
+                continue
+            node_ids = _lock_random(free.filter(topology_domain=domain), nodes)
+            if len(node_ids) < nodes:
+                continue  # concurrent bookings are taking this domain; try the next one
+            offer = selectors.Offer(
+                region=cluster.region.code, cluster=cluster.name, cluster_id=cluster.pk, nodes=nodes, gpus=gpus,
+                same_domain=True, domains=(domain,), unit_price=price.price_per_gpu_hour,
+                total_price=money.reservation_total(unit_price=price.price_per_gpu_hour, gpus=gpus,
+                                                    duration=end - start),
+                currency=price.currency, start=start, end=end,
+            )
+            return offer, node_ids
+    return None
+
+
+def _pick_nodes(*, gpu_model: GpuModel, offer: selectors.Offer, start: datetime, end: datetime) -> list[int]:
+    """Concrete free nodes for an offer spanning several domains (see _lock_random)."""
+    free = selectors.free_nodes(gpu_model=gpu_model, start=start, end=end).filter(cluster_id=offer.cluster_id)
     chosen: list[int] = []
     for domain in offer.domains:
-        wanted = offer.nodes - len(chosen)
-        if not wanted:
-            break
-        chosen += list(
-            Node.objects.filter(pk__in=free.filter(topology_domain=domain).values("pk")).order_by("?")
-            .select_for_update(no_key=True, skip_locked=True).values_list("pk", flat=True)[:wanted]
-        )
+        chosen += _lock_random(free.filter(topology_domain=domain), offer.nodes - len(chosen))
     return chosen if len(chosen) == offer.nodes else []
 
 
@@ -209,16 +237,19 @@ def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region 
     policies.check_tenant_standing(tenant=tenant, enforce=enforce)
     policies.check_quota(tenant=tenant, held=_held_gpus(tenant=tenant, start=start, end=end), start=start, end=end,
                          gpus=gpus, enforce=enforce)
-    found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
-                                          same_domain=same_domain)
-    # Sorted: concurrent bookings insert allocations in one global order, so they wait on each
-    # other instead of deadlocking.
-    node_ids = sorted(_pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)) if found.offers else []
-    if not found.offers:
-        raise InsufficientCapacity(found.reason["message"])
-    if not node_ids:
+    plan = _first_fit(model=model, region=region, nodes=nodes, start=start, end=end)
+    if plan is None:
+        # No single domain fits: the full search says why, or offers nodes across domains.
+        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
+                                              same_domain=same_domain)
+        if not found.offers:
+            raise InsufficientCapacity(found.reason["message"])
+        plan = found.offers[0], _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)
+    offer, node_ids = plan
+    if len(node_ids) < offer.nodes:
         raise _NodesTaken()  # concurrent bookings hold them right now: search again
-    offer = found.offers[0]
+    # Sorted: concurrent bookings insert allocations in one global order.
+    node_ids = sorted(node_ids)
     reservation = Reservation.objects.create(
         tenant=tenant, created_by=actor.user if actor.user is not None else tenant_owner_or_error(tenant),
         gpu_model=model, cluster_id=offer.cluster_id, gpus=gpus, same_domain=same_domain,

@@ -41,7 +41,8 @@ def test_book_from_the_page_then_see_it_listed_and_detailed(browser):
                             follow=True)
     reservation = Reservation.objects.get()
     assert response.status_code == 200 and "Booked 16 GPUs for 160.00 USD." in messages_of(response)
-    assert b"b0, b1" in response.content
+    names = sorted(reservation.allocations.values_list("node__name", flat=True))
+    assert ", ".join(names).encode() in response.content
     listing = browser.get("/reservations/")
     assert str(reservation.pk).encode() in listing.content
 
