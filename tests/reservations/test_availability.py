@@ -74,10 +74,10 @@ def test_earliest_finds_the_first_window_that_fits(fleet, tenant, member):
 def test_capacity_buckets_count_free_gpus(fleet, tenant, member):
     from marketplace.core.services import Actor
 
+    Node.objects.filter(name="a3").update(status=Node.Status.OFFLINE)
     services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=16,
                                 start=at(2), end=at(4))
     MaintenanceWindow.objects.create(node=fleet.nodes["a0"], starts_at=at(0), ends_at=at(1))
-    Node.objects.filter(name="a3").update(status=Node.Status.OFFLINE)
     timeline = selectors.capacity_timeline(start=at(0), end=at(6), step=timedelta(hours=1), gpu_model=fleet.model)
     free = [b.free_gpus for b in timeline["H100-SXM-80GB"]]
     # 5 usable nodes (a3 offline); a0 in maintenance 0-1h; 2 nodes held 2h-4h30 (incl. cleaning gap)
