@@ -4,6 +4,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.utils import dateparse, timezone
+from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status
 from rest_framework.decorators import action
 from rest_framework.permissions import IsAuthenticated
@@ -88,6 +89,23 @@ class OfferSerializer(serializers.Serializer):
     end = serializers.DateTimeField()
 
 
+class AvailabilitySerializer(serializers.Serializer):
+    gpu_model = serializers.CharField()
+    gpus = serializers.IntegerField()
+    nodes = serializers.IntegerField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    offers = OfferSerializer(many=True)
+    reason = serializers.JSONField(allow_null=True, help_text='{"code", "message"} when no offer fits')
+
+
+class CapacitySerializer(serializers.Serializer):
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    step_seconds = serializers.IntegerField()
+    gpu_models = serializers.JSONField(help_text="{model: [{start, end, total_gpus, free_gpus}, ...]}")
+
+
 class ReservationSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
@@ -146,6 +164,7 @@ class AvailabilityView(APIView):
 
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(parameters=[AvailabilityQuery], responses=AvailabilitySerializer)
     def get(self, request):
         query = _valid(AvailabilityQuery, request.query_params)
         model = selectors.gpu_model_by_name(query["gpu_model"])
@@ -173,6 +192,7 @@ class CapacityView(APIView):
 
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(parameters=[CapacityQuery], responses=CapacitySerializer)
     def get(self, request):
         query = _valid(CapacityQuery, request.query_params)
         if query["end"] <= query["start"]:
@@ -207,6 +227,7 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
         fresh = selectors.reservation_get(tenant=self.tenant, reservation_id=reservation.pk)
         return Response(ReservationSerializer(fresh).data, status=http_status)
 
+    @extend_schema(request=WindowQuery, responses={201: ReservationSerializer, 200: ReservationSerializer})
     def create(self, request):
         body = _valid(WindowQuery, request.data)
         result = services.reservation_create(
@@ -219,11 +240,13 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
             response["Idempotent-Replayed"] = "true"
         return response
 
+    @extend_schema(request=None, responses=ReservationSerializer)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         reservation = services.reservation_cancel(actor=Actor.for_user(request.user), reservation=self.get_object())
         return self._show(reservation)
 
+    @extend_schema(request=ExtendBody, responses=ReservationSerializer)
     @action(detail=True, methods=["post"])
     def extend(self, request, pk=None):
         reservation = self.get_object()
@@ -232,6 +255,7 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
                                                   end=body["end"], enforce_policies=_enforce(request))
         return self._show(reservation)
 
+    @extend_schema(request=None, responses=ReservationSerializer)
     @action(detail=True, methods=["post"])
     def release(self, request, pk=None):
         reservation = services.reservation_release(actor=Actor.for_user(request.user), reservation=self.get_object())

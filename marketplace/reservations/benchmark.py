@@ -12,16 +12,13 @@ reservations — loaded in bulk (COPY on PostgreSQL, multi-row INSERT elsewhere)
 - double and partial bookings found afterwards by SQL (must be 0).
 """
 
-import io
 import random
-import statistics
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import connection, connections, transaction
 from django.utils import timezone
 

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from datetime import datetime
 

@@ -10,7 +10,7 @@ from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor
 from marketplace.inventory.models import MaintenanceWindow, Node
 from marketplace.reservations import services
-from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
+from marketplace.reservations.models import Allocation, Reservation
 from marketplace.reservations.services import IdempotencyKeyReused, IllegalTransition, InsufficientCapacity
 from marketplace.reservations.policies import QuotaExceeded, TenantCannotBook
 from tests.reservations.conftest import NOW, at
