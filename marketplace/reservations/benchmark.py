@@ -201,9 +201,10 @@ FLOOR_SQL = """
 SELECT n.cluster_id, n.topology_domain, count(*)
 FROM inventory_node n JOIN inventory_cluster c ON c.id = n.cluster_id
 WHERE n.gpu_model_id = %(model)s AND n.status = 'available' AND n.health <> 'unhealthy' AND c.status = 'active'
-  AND (%(region)s::bigint IS NULL OR c.region_id = %(region)s::bigint)
+  {region}
   AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
-                  WHERE a.node_id = n.id AND NOT (a.state = 'cancelled')
+                  WHERE a.node_id = n.id AND a.state <> 'cancelled'
+                    AND a.starts_at < %(padded_end)s AND a.blocked_until > %(start)s
                     AND tstzrange(a.starts_at, a.blocked_until, '[)') && tstzrange(%(start)s, %(padded_end)s, '[)'))
   AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
                   WHERE m.node_id = n.id AND m.cancelled_at IS NULL AND m.starts_at < %(padded_end)s
@@ -256,7 +257,8 @@ def _measure_search(*, count: int, rng: random.Random) -> dict:
                       "padded_end": q["end"] + selectors.cleaning_gap()}
             t0 = time.perf_counter()
             with connection.cursor() as cursor:
-                cursor.execute(FLOOR_SQL, params)
+                cursor.execute(FLOOR_SQL.format(region="AND c.region_id = %(region)s" if params["region"] else ""),
+                               params)
                 cursor.fetchall()
             floor_ms.append((time.perf_counter() - t0) * 1000)
     result = {"searches": count, "with_offers": offers, "p50_ms": _percentile(service_ms, 50),
