@@ -4,6 +4,7 @@ Views only parse forms and call the same services and selectors as the API; ever
 becomes a message on the page.
 """
 
+import uuid
 from urllib.parse import urlencode
 
 from django import forms
@@ -72,7 +73,9 @@ def search(request):
             messages.error(request, exc.message)
     elif form.is_bound:
         messages.error(request, _form_errors(form))
-    return render(request, "web/reservations/search.html", {"form": form, "result": result})
+    # A fresh key per rendered offer list: a double-submitted Book button books once.
+    return render(request, "web/reservations/search.html",
+                  {"form": form, "result": result, "idempotency_key": uuid.uuid4().hex})
 
 
 @login_required

@@ -47,6 +47,15 @@ def test_book_from_the_page_then_see_it_listed_and_detailed(browser):
     assert str(reservation.pk).encode() in listing.content
 
 
+def test_double_submitted_book_button_books_once(browser):
+    page = browser.get("/reservations/search/", SEARCH)
+    key = page.context["idempotency_key"]
+    token = browser.cookies["csrftoken"].value
+    for _ in range(2):
+        browser.post("/reservations/book/", SEARCH | {"idempotency_key": key, "csrfmiddlewaretoken": token})
+    assert Reservation.objects.count() == 1
+
+
 def test_book_without_csrf_is_refused(browser):
     assert browser.post("/reservations/book/", SEARCH).status_code == 403
     assert not Reservation.objects.exists()
