@@ -128,7 +128,7 @@ def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: dat
     """
     gpus = nodes * model.gpus_per_node
     for cluster, price in selectors.priced_clusters(gpu_model=model, region=region):
-        free = selectors.free_nodes(gpu_model=model, start=start, end=end).filter(cluster=cluster)
+        free = selectors.free_nodes(gpu_model=model, start=start, end=end, cluster_ids=[cluster.pk])
         counts: dict[str, int] = {}
         for domain in free.order_by("topology_domain").values_list("topology_domain", flat=True).iterator(chunk_size=64):
             counts[domain] = counts.get(domain, 0) + 1
@@ -150,7 +150,7 @@ def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: dat
 
 def _pick_nodes(*, gpu_model: GpuModel, offer: selectors.Offer, start: datetime, end: datetime) -> list[int]:
     """Concrete free nodes for an offer spanning several domains (see _lock_random)."""
-    free = selectors.free_nodes(gpu_model=gpu_model, start=start, end=end).filter(cluster_id=offer.cluster_id)
+    free = selectors.free_nodes(gpu_model=gpu_model, start=start, end=end, cluster_ids=[offer.cluster_id])
     chosen: list[int] = []
     for domain in offer.domains:
         chosen += _lock_random(free.filter(topology_domain=domain), offer.nodes - len(chosen))
