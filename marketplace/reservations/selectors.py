@@ -153,12 +153,12 @@ class Availability:
 def plan_domains(domain_counts: dict[str, int], nodes: int, *, same_domain: bool) -> tuple[str, ...] | None:
     """Which topology domains to take ``nodes`` free nodes from, or None if they do not fit.
 
-    Prefers one domain, the fullest-used one that still fits (best fit keeps large islands whole
-    for large requests); otherwise the fewest domains, largest first.
+    Prefers one domain: the first by name that fits, which is the one a booking takes (it walks
+    domains in that order and stops at the first fit); otherwise the fewest domains, largest first.
     """
-    fitting = sorted((n, d) for d, n in domain_counts.items() if n >= nodes)
+    fitting = sorted(d for d, n in domain_counts.items() if n >= nodes)
     if fitting:
-        return (fitting[0][1],)
+        return (fitting[0],)
     if same_domain or sum(domain_counts.values()) < nodes:
         return None
     chosen, total = [], 0

@@ -83,3 +83,13 @@ def test_capacity_buckets_count_free_gpus(fleet, tenant, member):
     # 5 usable nodes (a3 offline); a0 in maintenance 0-1h; 2 nodes held 2h-4h30 (incl. cleaning gap)
     assert [b.total_gpus for b in timeline["H100-SXM-80GB"]] == [40] * 6
     assert free == [32, 40, 24, 24, 24, 40]
+
+
+def test_the_offered_domain_is_the_one_a_booking_takes(fleet, tenant, member):
+    from marketplace.core.services import Actor
+
+    offer = search(fleet, gpus=16).offers[0]
+    reservation = services.reservation_create(actor=Actor.for_user(member), tenant=tenant,
+                                              gpu_model=fleet.model.name, gpus=16, start=at(2), end=at(6)).reservation
+    assert offer.domains == ("ib-a",)
+    assert set(reservation.allocations.values_list("node__topology_domain", flat=True)) == {"ib-a"}
