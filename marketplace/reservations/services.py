@@ -327,6 +327,10 @@ def reservation_extend(*, actor: Actor, reservation: Reservation, end: datetime,
                              start=locked.ends_at, end=end, gpus=locked.gpus, enforce=enforce_policies)
         allocations = locked.allocations.filter(state=Allocation.State.ACTIVE)
         node_ids = list(allocations.values_list("node_id", flat=True))
+        # Lock our nodes first: concurrent bookings (SKIP LOCKED) then leave them alone, and the
+        # check below sees every booking that got to them before us.
+        list(Node.objects.filter(pk__in=node_ids).order_by("pk").select_for_update(no_key=True)
+             .values_list("pk", flat=True))
         still_free = set(selectors.free_nodes(gpu_model=locked.gpu_model, start=locked.ends_at, end=end,
                                               ignore_reservation=locked)
                          .filter(pk__in=node_ids).values_list("pk", flat=True))
@@ -341,6 +345,11 @@ def reservation_extend(*, actor: Actor, reservation: Reservation, end: datetime,
         except IntegrityError as exc:
             if _is_double_booking(exc):
                 raise InsufficientCapacity("Cannot extend: another booking took the nodes meanwhile.") from exc
+            raise
+        except OperationalError as exc:
+            if _is_deadlock(exc):
+                raise InsufficientCapacity("Cannot extend right now: a booking of the same nodes is in progress. "
+                                           "Try again.") from exc
             raise
         locked.ends_at = end
         locked.total_price = money.reservation_total(unit_price=locked.unit_price, gpus=locked.gpus,

@@ -89,3 +89,27 @@ def test_racing_identical_requests_with_one_key_book_once(fleet, tenant, member)
     assert len({o.reservation.pk for o in outcomes}) == 1
     assert sum(o.created for o in outcomes) == 1
     assert Reservation.objects.count() == 1 and Allocation.objects.count() == 2
+
+
+def test_extend_racing_bookings_of_the_extension_never_overlaps(fleet, tenant, member):
+    # given a reservation on every node until +4h
+    mine = services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                       gpus=48, start=at(2), end=at(4)).reservation
+    others = [TenantFactory() for _ in range(4)]
+    users = [MembershipFactory(tenant=t).user for t in others]
+
+    def attempt(i):
+        if i == 0:
+            return services.reservation_extend(actor=Actor.for_user(member), reservation=mine, end=at(6))
+        return services.reservation_create(actor=Actor.for_user(users[i - 1]), tenant=others[i - 1],
+                                           gpu_model="H100-SXM-80GB", gpus=16, start=at(4.5), end=at(6))
+
+    outcomes = race(5, attempt)
+    # then whichever won, nothing overlaps and every loser got a clear 409
+    assert not [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, ServiceError)], outcomes
+    assert all(o.http_status == 409 for o in outcomes if isinstance(o, ServiceError))
+    assert overlapping_pairs() == 0
+    mine.refresh_from_db()
+    extended = mine.ends_at == at(6)
+    booked = Reservation.objects.exclude(pk=mine.pk).count()
+    assert extended != (booked > 0)
