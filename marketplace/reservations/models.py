@@ -140,10 +140,8 @@ class Allocation(models.Model):
         indexes = [
             models.Index(fields=["node", "starts_at", "blocked_until"], name="allocation_node_period_idx"),
             models.Index(fields=["reservation", "state"], name="allocation_reservation_idx"),
-            # "Is this node busy in [start, end)?" for one node at a time (booking's first-fit walk):
-            # an index-only probe over the node's live allocations that end after start.
-            models.Index(fields=["node", "blocked_until"], include=["starts_at"], name="allocation_node_busy_idx",
-                         condition=~Q(state="cancelled")),
+            # Two more, in migrations 0002 and 0004 (their INCLUDE columns are PostgreSQL only):
+            # allocation_period_cover_idx and allocation_node_busy_idx.
         ]
 
     def __str__(self) -> str:
