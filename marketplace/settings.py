@@ -237,6 +237,13 @@ MARKETPLACE = {
     "RETRY_BACKOFF_MAX": timedelta(seconds=env.int("MARKETPLACE_RETRY_BACKOFF_MAX_SECONDS", default=600)),
     # Tenant pods still running this long after the drain began are force-deleted.
     "DRAIN_GRACE_PERIOD": timedelta(seconds=env.int("MARKETPLACE_DRAIN_GRACE_SECONDS", default=300)),
+    # --- Booking ---
+    # A booking that loses a race for nodes retries on other free nodes this many times.
+    "BOOKING_RETRIES": env.int("MARKETPLACE_BOOKING_RETRIES", default=4),
+    # earliest=true searches at most this far ahead by default (and never beyond MAX_LEAD_TIME).
+    "SEARCH_HORIZON": timedelta(days=env.int("MARKETPLACE_SEARCH_HORIZON_DAYS", default=14)),
+    # The capacity calendar returns at most this many buckets.
+    "CAPACITY_MAX_BUCKETS": env.int("MARKETPLACE_CAPACITY_MAX_BUCKETS", default=500),
 }
 
 # /metrics is open on loopback; elsewhere it needs this bearer token or an allowed network.

@@ -16,7 +16,7 @@ from marketplace.pools.models import (
     Downtime, PlannedOperation, Pool, PoolNotice, SchedulerAttempt, TenantClusterLease,
 )
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
-from marketplace.reservations.services import reservation_transition
+from marketplace.reservations.services import reservation_event_due_times, reservation_transition
 from marketplace.reservations.status import ReservationStatus as S
 
 
@@ -149,11 +149,7 @@ def event_record(*, claim: EventClaim, now: datetime, done: bool, error: str = "
 
 
 def event_due_at(*, reservation: Reservation, kind: str) -> datetime:
-    if kind == Event.Kind.START:
-        return reservation.starts_at - _setting("PROVISION_LEAD_TIME")
-    if kind == Event.Kind.END_NOTICE:
-        return max(reservation.ends_at - _setting("END_NOTICE_LEAD_TIME"), reservation.starts_at)
-    return reservation.ends_at
+    return reservation_event_due_times(reservation)[kind]
 
 
 def reservation_events_ensure(*, reservation_id, kinds: list[str], now: datetime,

@@ -1,14 +1,40 @@
-from django.db import transaction
+"""Writes of the booking engine: book, cancel, extend, release, and the one state-transition function."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
-from marketplace.core.exceptions import Conflict
+from marketplace.core.exceptions import Conflict, InvalidInput
 from marketplace.core.services import Actor, audit_record
-from marketplace.reservations.models import Reservation
-from marketplace.reservations.status import can_transition
+from marketplace.inventory.models import GpuModel, Node, Region
+from marketplace.reservations import money, policies, selectors
+from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
+from marketplace.reservations.status import HOLDING, ReservationStatus, can_transition
+from marketplace.tenants.models import Tenant
+
+S = ReservationStatus
 
 
 class IllegalTransition(Conflict):
     code = "illegal_transition"
+
+
+class InsufficientCapacity(Conflict):
+    code = "insufficient_capacity"
+
+
+class _NodesTaken(Exception):
+    """Internal: the offer's nodes were taken by concurrent bookings; the booking retries."""
+
+
+class IdempotencyKeyReused(Conflict):
+    http_status = 422
+    code = "idempotency_key_reused"
 
 
 def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, reason: str = "") -> Reservation:
@@ -34,4 +60,348 @@ def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, r
             before={"status": current}, after={"status": to, "reason": reason},
         )
     reservation.status, reservation.status_reason, reservation.status_changed_at = to, reason, now
+    return reservation
+
+
+# --- booking ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BookingResult:
+    reservation: Reservation
+    created: bool  # False: an earlier request with the same Idempotency-Key already booked it
+
+
+def _fingerprint(**request) -> str:
+    """Identity of a create request's body, as sent (an omitted start stays "now", not a time)."""
+    canonical = {key: (value.isoformat() if isinstance(value, datetime) else value) for key, value in request.items()}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _replay(*, tenant: Tenant, idempotency_key: str, fingerprint: str) -> BookingResult | None:
+    if not idempotency_key:
+        return None
+    existing = Reservation.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+    if existing is None:
+        return None
+    if existing.request_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was already used for a different request; use a new key for a new booking.",
+            fields={"idempotency_key": ["already used with a different body"]},
+        )
+    return BookingResult(reservation=existing, created=False)
+
+
+def _held_gpus(*, tenant: Tenant, start: datetime, end: datetime, exclude_pk=None) -> list[tuple[datetime, datetime, int]]:
+    held = Reservation.objects.filter(tenant=tenant, status__in=HOLDING, starts_at__lt=end, ends_at__gt=start)
+    if exclude_pk is not None:
+        held = held.exclude(pk=exclude_pk)
+    return list(held.values_list("starts_at", "ends_at", "gpus"))
+
+
+def reservation_event_due_times(reservation: Reservation) -> dict[str, datetime]:
+    """When each of the reservation's due events (start, end notice, end) falls due. The one rule,
+    used by booking and by the scheduler's safety net alike."""
+    lead = settings.MARKETPLACE["PROVISION_LEAD_TIME"]
+    notice = settings.MARKETPLACE["END_NOTICE_LEAD_TIME"]
+    return {
+        ReservationEvent.Kind.START: reservation.starts_at - lead,
+        ReservationEvent.Kind.END_NOTICE: max(reservation.starts_at, reservation.ends_at - notice),
+        ReservationEvent.Kind.END: reservation.ends_at,
+    }
+
+
+def _lock_random(free_nodes, count: int) -> list[int]:
+    """Up to ``count`` of these free nodes, at random, row-locked, skipping nodes locked by others.
+
+    Random, and SKIP LOCKED on PostgreSQL: concurrent bookings of the same window take disjoint
+    nodes instead of inserting clashing allocations (two transactions inserting clashing rows
+    under an exclusion constraint wait on each other until the deadlock detector ends one).
+    The exclusion constraint still decides if a snapshot was stale.
+    """
+    return list(Node.objects.filter(pk__in=free_nodes.values("pk")).order_by("?")
+                .select_for_update(no_key=True, skip_locked=True).values_list("pk", flat=True)[:count])
+
+
+def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: datetime,
+               end: datetime) -> tuple[selectors.Offer, list[int]] | None:
+    """The cheapest cluster's first topology domain with ``nodes`` free nodes, and those nodes.
+
+    Walks free nodes domain by domain (one index probe per node) and stops at the first domain
+    that fits, so a booking does not count the whole fleet. None if no single domain fits.
+    """
+    gpus = nodes * model.gpus_per_node
+    for cluster, price in selectors.priced_clusters(gpu_model=model, region=region):
+        free = selectors.free_nodes(gpu_model=model, start=start, end=end, cluster_ids=[cluster.pk])
+        counts: dict[str, int] = {}
+        for domain in free.order_by("topology_domain").values_list("topology_domain", flat=True).iterator(chunk_size=64):
+            counts[domain] = counts.get(domain, 0) + 1
+            if counts[domain] != nodes:
+                continue
+            node_ids = _lock_random(free.filter(topology_domain=domain), nodes)
+            if len(node_ids) < nodes:
+                continue  # concurrent bookings are taking this domain; try the next one
+            offer = selectors.Offer(
+                region=cluster.region.code, cluster=cluster.name, cluster_id=cluster.pk, nodes=nodes, gpus=gpus,
+                same_domain=True, domains=(domain,), unit_price=price.price_per_gpu_hour,
+                total_price=money.reservation_total(unit_price=price.price_per_gpu_hour, gpus=gpus,
+                                                    duration=end - start),
+                currency=price.currency, start=start, end=end,
+            )
+            return offer, node_ids
+    return None
+
+
+def _pick_nodes(*, gpu_model: GpuModel, offer: selectors.Offer, start: datetime, end: datetime) -> list[int]:
+    """Concrete free nodes for an offer spanning several domains (see _lock_random)."""
+    free = selectors.free_nodes(gpu_model=gpu_model, start=start, end=end, cluster_ids=[offer.cluster_id])
+    chosen: list[int] = []
+    for domain in offer.domains:
+        chosen += _lock_random(free.filter(topology_domain=domain), offer.nodes - len(chosen))
+    return chosen if len(chosen) == offer.nodes else []
+
+
+def _is_double_booking(exc: IntegrityError) -> bool:
+    cause = exc.__cause__
+    return getattr(getattr(cause, "diag", None), "constraint_name", None) == "allocation_no_double_booking"
+
+
+def _is_deadlock(exc: OperationalError) -> bool:
+    # Two bookings waiting on each other's uncommitted allocations: PostgreSQL aborts one of them.
+    return getattr(exc.__cause__, "sqlstate", None) in ("40P01", "40001")
+
+
+def _is_idempotency_race(exc: IntegrityError) -> bool:
+    cause = exc.__cause__
+    name = getattr(getattr(cause, "diag", None), "constraint_name", None)
+    return name == "reservation_tenant_idempotency_key_unique" or "idempotency_key" in str(exc)
+
+
+def reservation_create(
+    *, actor: Actor, tenant: Tenant, gpu_model: str, gpus: int, end: datetime, start: datetime | None = None,
+    region: str | None = None, same_domain: bool = False, idempotency_key: str = "", enforce_policies: bool = True,
+) -> BookingResult:
+    """Book ``gpus`` GPUs of ``gpu_model`` as whole nodes of one cluster for [start, end), all or nothing.
+
+    The price is locked on the reservation. On PostgreSQL the exclusion constraint decides races:
+    a booking that collides with a concurrent one rolls back and retries on the nodes still free.
+    With an Idempotency-Key, a repeated request returns the first booking instead of booking again.
+    """
+    idempotency_key = (idempotency_key or "").strip()
+    if len(idempotency_key) > 200:
+        raise InvalidInput("Idempotency-Key is at most 200 characters.", fields={"idempotency_key": ["too long"]})
+    fingerprint = _fingerprint(gpu_model=gpu_model, gpus=gpus, start=start, end=end, region=region or None,
+                               same_domain=bool(same_domain))
+    if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
+        return replay
+    model = selectors.gpu_model_by_name(gpu_model)
+    region_row = selectors.region_by_code(region)
+    nodes_needed = policies.check_gpus(gpus=gpus, gpus_per_node=model.gpus_per_node, model_name=model.name)
+    now = timezone.now()
+    start = policies.resolve_start(start, now=now)
+    policies.check_window(start=start, end=end, enforce=enforce_policies, now=now)
+
+    attempts = settings.MARKETPLACE["BOOKING_RETRIES"] + 1
+    for attempt in range(attempts):
+        try:
+            with transaction.atomic():
+                result = _book_once(
+                    actor=actor, tenant=tenant, model=model, region=region_row, gpus=gpus, nodes=nodes_needed,
+                    start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
+                    fingerprint=fingerprint, enforce=enforce_policies,
+                )
+            return result
+        except IntegrityError as exc:
+            if idempotency_key and _is_idempotency_race(exc):
+                # An identical request committed first; answer with its booking.
+                replay = _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint)
+                if replay:
+                    return replay
+            if not _is_double_booking(exc):
+                raise
+            # Lost a race for a node: the transaction rolled back entirely; look again.
+        except OperationalError as exc:
+            if not _is_deadlock(exc):
+                raise
+        except _NodesTaken:
+            pass
+    raise InsufficientCapacity(
+        f"Could not book {gpus} {model.name} GPUs: other bookings took the free nodes at the same moment. Try again."
+    )
+
+
+def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int, nodes: int,
+               start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
+               enforce: bool) -> BookingResult:
+    # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
+    tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
+        return replay
+    policies.check_tenant_standing(tenant=tenant, enforce=enforce)
+    policies.check_quota(tenant=tenant, held=_held_gpus(tenant=tenant, start=start, end=end), start=start, end=end,
+                         gpus=gpus, enforce=enforce)
+    plan = _first_fit(model=model, region=region, nodes=nodes, start=start, end=end)
+    if plan is None:
+        # No single domain fits: the full search says why, or offers nodes across domains.
+        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
+                                              same_domain=same_domain)
+        if not found.offers:
+            raise InsufficientCapacity(found.reason["message"])
+        plan = found.offers[0], _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)
+    offer, node_ids = plan
+    if len(node_ids) < offer.nodes:
+        raise _NodesTaken()  # concurrent bookings hold them right now: search again
+    # Sorted: concurrent bookings insert allocations in one global order.
+    node_ids = sorted(node_ids)
+    reservation = Reservation.objects.create(
+        tenant=tenant, created_by=actor.user if actor.user is not None else tenant_owner_or_error(tenant),
+        gpu_model=model, cluster_id=offer.cluster_id, gpus=gpus, same_domain=same_domain,
+        starts_at=start, ends_at=end, status=S.PENDING, currency=offer.currency, unit_price=offer.unit_price,
+        total_price=offer.total_price, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
+    )
+    blocked_until = end + selectors.cleaning_gap()
+    Allocation.objects.bulk_create([
+        Allocation(reservation=reservation, node_id=node_id, starts_at=start, ends_at=end, blocked_until=blocked_until)
+        for node_id in node_ids
+    ])
+    ReservationEvent.objects.bulk_create([
+        ReservationEvent(reservation=reservation, kind=kind, due_at=due_at)
+        for kind, due_at in reservation_event_due_times(reservation).items()
+    ])
+    audit_record(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk, after={
+        "gpu_model": model.name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
+        "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
+        "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
+    })
+    reservation_transition(reservation=reservation, to=S.CONFIRMED, actor=actor, reason="nodes allocated")
+    return BookingResult(reservation=reservation, created=True)
+
+
+def tenant_owner_or_error(tenant: Tenant):
+    """Bookings made by a task (no person) are recorded as made by the tenant's first owner."""
+    owner = tenant.memberships.filter(role="owner").select_related("user").first() or \
+        tenant.memberships.select_related("user").first()
+    if owner is None:
+        raise InvalidInput("Tenant has no members to record as the booker.")
+    return owner.user
+
+
+# --- changes to a booking -----------------------------------------------------------------------
+
+def _locked(reservation: Reservation) -> Reservation:
+    return Reservation.objects.select_for_update().select_related("gpu_model").get(pk=reservation.pk)
+
+
+def reservation_cancel(*, actor: Actor, reservation: Reservation, reason: str = "") -> Reservation:
+    """Cancel before the start: frees the nodes (allocations cancelled) and the due events."""
+    with transaction.atomic():
+        locked = _locked(reservation)
+        if locked.status not in (S.PENDING, S.CONFIRMED):
+            raise IllegalTransition(f"A {locked.status} reservation cannot be cancelled.",
+                                    fields={"status": [f"is {locked.status}"]})
+        if timezone.now() >= locked.starts_at:
+            raise IllegalTransition("The reservation has already started: release it instead of cancelling.",
+                                    fields={"status": ["already started"]})
+        locked.allocations.exclude(state=Allocation.State.CANCELLED).update(state=Allocation.State.CANCELLED)
+        locked.events.filter(status=ReservationEvent.Status.PENDING).update(status=ReservationEvent.Status.CANCELLED)
+        reservation_transition(reservation=locked, to=S.CANCELLED, actor=actor, reason=reason or "cancelled by tenant")
+    reservation.refresh_from_db()
+    return reservation
+
+
+EXTENDABLE = (S.PENDING, S.CONFIRMED, S.PROVISIONING, S.ACTIVE, S.DEGRADED)
+
+
+def reservation_extend(*, actor: Actor, reservation: Reservation, end: datetime,
+                       enforce_policies: bool = True) -> Reservation:
+    """Move the end later on the same nodes, if they stay free; reprice at the locked unit price."""
+    with transaction.atomic():
+        locked = _locked(reservation)
+        now = timezone.now()
+        if locked.status not in EXTENDABLE or locked.ends_at <= now:
+            raise IllegalTransition(f"A {locked.status} reservation cannot be extended.",
+                                    fields={"status": [f"is {locked.status}"]})
+        if end <= locked.ends_at:
+            raise InvalidInput("The new end must be later than the current end.", fields={"end": ["not later"]})
+        policies.check_window(start=locked.starts_at, end=end, enforce=enforce_policies, now=now, extending=True)
+        tenant = Tenant.objects.select_for_update().get(pk=locked.tenant_id)
+        policies.check_tenant_standing(tenant=tenant, enforce=enforce_policies)
+        policies.check_quota(tenant=tenant, held=_held_gpus(tenant=tenant, start=locked.ends_at, end=end,
+                                                            exclude_pk=locked.pk),
+                             start=locked.ends_at, end=end, gpus=locked.gpus, enforce=enforce_policies)
+        allocations = locked.allocations.filter(state=Allocation.State.ACTIVE)
+        node_ids = list(allocations.values_list("node_id", flat=True))
+        # Lock our nodes first: concurrent bookings (SKIP LOCKED) then leave them alone, and the
+        # check below sees every booking that got to them before us.
+        list(Node.objects.filter(pk__in=node_ids).order_by("pk").select_for_update(no_key=True)
+             .values_list("pk", flat=True))
+        still_free = set(selectors.free_nodes(gpu_model=locked.gpu_model, start=locked.ends_at, end=end,
+                                              ignore_reservation=locked)
+                         .filter(pk__in=node_ids).values_list("pk", flat=True))
+        if taken := sorted(set(node_ids) - still_free):
+            names = ", ".join(Node.objects.filter(pk__in=taken).order_by("name").values_list("name", flat=True))
+            raise InsufficientCapacity(f"Cannot extend: node(s) {names} are booked or unavailable after the current end.",
+                                       fields={"end": ["nodes not free until then"]})
+        before = {"end": locked.ends_at.isoformat(), "total_price": str(locked.total_price)}
+        try:
+            with transaction.atomic():
+                allocations.update(ends_at=end, blocked_until=end + selectors.cleaning_gap())
+        except IntegrityError as exc:
+            if _is_double_booking(exc):
+                raise InsufficientCapacity("Cannot extend: another booking took the nodes meanwhile.") from exc
+            raise
+        except OperationalError as exc:
+            if _is_deadlock(exc):
+                raise InsufficientCapacity("Cannot extend right now: a booking of the same nodes is in progress. "
+                                           "Try again.") from exc
+            raise
+        locked.ends_at = end
+        locked.total_price = money.reservation_total(unit_price=locked.unit_price, gpus=locked.gpus,
+                                                     duration=end - locked.starts_at)
+        locked.save(update_fields=["ends_at", "total_price", "updated_at"])
+        _reschedule_end(locked)
+        audit_record(actor=actor, action="reservation.extend", obj=locked, tenant_id=locked.tenant_id, before=before,
+                     after={"end": end.isoformat(), "total_price": str(locked.total_price)})
+    reservation.refresh_from_db()
+    return reservation
+
+
+def _reschedule_end(reservation: Reservation, *, end_due: datetime | None = None) -> None:
+    due = reservation_event_due_times(reservation)
+    pending = reservation.events.filter(status=ReservationEvent.Status.PENDING)
+    pending.filter(kind=ReservationEvent.Kind.END_NOTICE).update(due_at=due[ReservationEvent.Kind.END_NOTICE])
+    pending.filter(kind=ReservationEvent.Kind.END).update(due_at=end_due or due[ReservationEvent.Kind.END])
+
+
+RELEASABLE = (S.PROVISIONING, S.ACTIVE, S.DEGRADED)
+
+
+def reservation_release(*, actor: Actor, reservation: Reservation, reason: str = "") -> Reservation:
+    """End a running reservation now (rounded up to the granularity): trim, reprice, release."""
+    with transaction.atomic():
+        locked = _locked(reservation)
+        now = timezone.now()
+        if locked.status in (S.PENDING, S.CONFIRMED) and now < locked.starts_at:
+            raise IllegalTransition("The reservation has not started: cancel it instead.",
+                                    fields={"status": ["not started"]})
+        if locked.status not in RELEASABLE:
+            raise IllegalTransition(f"A {locked.status} reservation cannot be released.",
+                                    fields={"status": [f"is {locked.status}"]})
+        new_end = max(policies.ceil_to_granularity(now), locked.starts_at + policies.granularity())
+        before = {"end": locked.ends_at.isoformat(), "total_price": str(locked.total_price)}
+        if new_end < locked.ends_at:
+            locked.allocations.filter(state=Allocation.State.ACTIVE).update(
+                ends_at=new_end, blocked_until=new_end + selectors.cleaning_gap())
+            locked.ends_at = new_end
+            locked.total_price = money.reservation_total(unit_price=locked.unit_price, gpus=locked.gpus,
+                                                         duration=new_end - locked.starts_at)
+        locked.released_at = now
+        locked.save(update_fields=["ends_at", "total_price", "released_at", "updated_at"])
+        # The scheduler drains the pool when the end event is due: that is now.
+        locked.events.filter(status=ReservationEvent.Status.PENDING, kind=ReservationEvent.Kind.END_NOTICE).update(
+            status=ReservationEvent.Status.CANCELLED)
+        _reschedule_end(locked, end_due=now)
+        audit_record(actor=actor, action="reservation.release_early", obj=locked, tenant_id=locked.tenant_id,
+                     before=before, after={"end": locked.ends_at.isoformat(), "total_price": str(locked.total_price)})
+        reservation_transition(reservation=locked, to=S.RELEASING, actor=actor, reason=reason or "released early")
+    reservation.refresh_from_db()
     return reservation

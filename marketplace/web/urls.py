@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from marketplace.web import account, ops, scheduler_views, views
+from marketplace.web import account, booking_views, ops, scheduler_views, views
 
 app_name = "web"
 
@@ -22,4 +22,14 @@ urlpatterns = [
     path("ops/inventory/node-status/", ops.node_status, name="ops-node-status"),
     path("ops/maintenance/<int:window_id>/cancel/", ops.window_cancel, name="ops-window-cancel"),
     path("ops/audit/", ops.audit_log, name="ops-audit"),
+    path("reservations/", booking_views.reservation_list, name="reservation-list"),
+    path("reservations/search/", booking_views.search, name="reservation-search"),
+    path("reservations/book/", booking_views.book, name="reservation-book"),
+    path("reservations/<uuid:reservation_id>/", booking_views.reservation_detail, name="reservation-detail"),
+    path("reservations/<uuid:reservation_id>/cancel/", booking_views.reservation_action, {"action": "cancel"},
+         name="reservation-cancel"),
+    path("reservations/<uuid:reservation_id>/extend/", booking_views.reservation_action, {"action": "extend"},
+         name="reservation-extend"),
+    path("reservations/<uuid:reservation_id>/release/", booking_views.reservation_action, {"action": "release"},
+         name="reservation-release"),
 ]

@@ -1,0 +1,268 @@
+"""Booking API: availability search, the capacity calendar, and the caller's reservations."""
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import dateparse, timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, status
+from rest_framework.decorators import action
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace.api.scoping import TenantScopedViewSet
+from marketplace.core.exceptions import InvalidInput
+from marketplace.core.services import Actor
+from marketplace.reservations import policies, selectors, services
+from marketplace.reservations.status import ReservationStatus
+
+SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_span(value: str, *, name: str) -> timedelta:
+    """``15m``, ``2h``, ``7d`` or ISO 8601 (``P7D``, ``PT1H``)."""
+    value = (value or "").strip()
+    if value[:-1].isdigit() and value[-1:] in SPAN_UNITS:
+        span = timedelta(seconds=int(value[:-1]) * SPAN_UNITS[value[-1]])
+    else:
+        span = dateparse.parse_duration(value)
+    if span is None or span <= timedelta(0):
+        raise InvalidInput(f"{name} must be a positive duration such as 15m, 2h, 7d or PT1H.",
+                           fields={name: ["not a positive duration"]})
+    return span
+
+
+def parse_horizon(text: str, *, start):
+    """The latest start ``earliest=true`` may propose: a UTC-aware time, or a duration after start."""
+    if not text:
+        return start + settings.MARKETPLACE["SEARCH_HORIZON"]
+    try:
+        moment = dateparse.parse_datetime(text)
+    except ValueError:
+        moment = None
+    if moment is not None:
+        if timezone.is_naive(moment):
+            raise InvalidInput("horizon must carry a timezone (e.g. Z).", fields={"horizon": ["naive time"]})
+        return moment
+    return start + parse_span(text, name="horizon")
+
+
+class SpanField(serializers.CharField):
+    def to_internal_value(self, data):
+        return parse_span(super().to_internal_value(data), name=self.field_name)
+
+
+class WindowQuery(serializers.Serializer):
+    gpu_model = serializers.CharField(max_length=60)
+    gpus = serializers.IntegerField(min_value=1, max_value=1_000_000)
+    start = serializers.DateTimeField(required=False, default=None)
+    end = serializers.DateTimeField()
+    region = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    same_domain = serializers.BooleanField(required=False, default=False)
+
+
+class AvailabilityQuery(WindowQuery):
+    earliest = serializers.BooleanField(required=False, default=False)
+    horizon = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class CapacityQuery(serializers.Serializer):
+    gpu_model = serializers.CharField(max_length=60, required=False, allow_blank=True, default="")
+    region = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    step = SpanField(required=False, default="1h")
+
+
+class OfferSerializer(serializers.Serializer):
+    region = serializers.CharField()
+    cluster = serializers.CharField()
+    nodes = serializers.IntegerField()
+    gpus = serializers.IntegerField()
+    same_domain = serializers.BooleanField()
+    domains = serializers.ListField(child=serializers.CharField())
+    unit_price = serializers.DecimalField(max_digits=12, decimal_places=4)
+    total_price = serializers.DecimalField(max_digits=16, decimal_places=2)
+    currency = serializers.CharField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+
+
+class AvailabilitySerializer(serializers.Serializer):
+    gpu_model = serializers.CharField()
+    gpus = serializers.IntegerField()
+    nodes = serializers.IntegerField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    offers = OfferSerializer(many=True)
+    reason = serializers.JSONField(allow_null=True, help_text='{"code", "message"} when no offer fits')
+
+
+class CapacitySerializer(serializers.Serializer):
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    step_seconds = serializers.IntegerField()
+    gpu_models = serializers.JSONField(help_text="{model: [{start, end, total_gpus, free_gpus}, ...]}")
+
+
+class ReservationSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.CharField()
+    status_reason = serializers.CharField()
+    nodes = serializers.SerializerMethodField()
+    cluster = serializers.CharField(source="cluster.name")
+    region = serializers.CharField(source="cluster.region.code")
+    gpu_model = serializers.CharField(source="gpu_model.name")
+    gpus = serializers.IntegerField()
+    same_domain = serializers.BooleanField()
+    start = serializers.DateTimeField(source="starts_at")
+    end = serializers.DateTimeField(source="ends_at")
+    unit_price = serializers.DecimalField(max_digits=12, decimal_places=4)
+    total_price = serializers.DecimalField(max_digits=16, decimal_places=2)
+    currency = serializers.CharField()
+    readiness = serializers.JSONField()
+    ready_at = serializers.DateTimeField()
+    released_at = serializers.DateTimeField()
+    created_at = serializers.DateTimeField()
+
+    def get_nodes(self, reservation) -> list[str]:
+        return selectors.reservation_node_names(reservation)
+
+
+class ExtendBody(serializers.Serializer):
+    end = serializers.DateTimeField()
+
+
+class ListQuery(serializers.Serializer):
+    status = serializers.CharField(required=False, allow_blank=True, default="")
+    start = serializers.DateTimeField(required=False, default=None)
+    end = serializers.DateTimeField(required=False, default=None)
+
+    def validate_status(self, value):
+        wanted = [part for part in value.split(",") if part]
+        unknown = set(wanted) - set(ReservationStatus.values)
+        if unknown:
+            raise serializers.ValidationError(f"unknown status {', '.join(sorted(unknown))}; "
+                                              f"one of {', '.join(ReservationStatus.values)}")
+        return wanted
+
+
+def _valid(serializer_class, data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _enforce(request) -> bool:
+    # Ops (staff) may book outside the tenant policies.
+    return not request.user.is_staff
+
+
+class AvailabilityView(APIView):
+    """Offers for gpus of a GPU model over [start, end), or the earliest window that fits."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(parameters=[AvailabilityQuery], responses=AvailabilitySerializer)
+    def get(self, request):
+        query = _valid(AvailabilityQuery, request.query_params)
+        model = selectors.gpu_model_by_name(query["gpu_model"])
+        region = selectors.region_by_code(query["region"])
+        now = timezone.now()
+        start = policies.resolve_start(query["start"], now=now)
+        policies.check_window(start=start, end=query["end"], enforce=_enforce(request), now=now)
+        window = dict(gpu_model=model, gpus=query["gpus"], start=start, end=query["end"], region=region,
+                      same_domain=query["same_domain"])
+        if query["earliest"]:
+            horizon = min(parse_horizon(query["horizon"], start=start), now + settings.MARKETPLACE["MAX_LEAD_TIME"])
+            found = selectors.availability_earliest(horizon=horizon, **window)
+        else:
+            found = selectors.availability_search(**window)
+        return Response({
+            "gpu_model": found.gpu_model, "gpus": found.gpus, "nodes": found.nodes,
+            "start": serializers.DateTimeField().to_representation(found.start),
+            "end": serializers.DateTimeField().to_representation(found.end),
+            "offers": OfferSerializer(found.offers, many=True).data, "reason": found.reason,
+        })
+
+
+class CapacityView(APIView):
+    """Free GPUs per GPU model in buckets of ``step`` over [start, end): for the booking calendar."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(parameters=[CapacityQuery], responses=CapacitySerializer)
+    def get(self, request):
+        query = _valid(CapacityQuery, request.query_params)
+        if query["end"] <= query["start"]:
+            raise InvalidInput("end must be after start.", fields={"end": ["must be after start"]})
+        model = selectors.gpu_model_by_name(query["gpu_model"]) if query["gpu_model"] else None
+        timeline = selectors.capacity_timeline(start=query["start"], end=query["end"], step=query["step"],
+                                               gpu_model=model, region=selectors.region_by_code(query["region"]))
+        as_time = serializers.DateTimeField().to_representation
+        return Response({
+            "start": as_time(query["start"]), "end": as_time(query["end"]),
+            "step_seconds": int(query["step"].total_seconds()),
+            "gpu_models": {
+                name: [{"start": as_time(b.start), "end": as_time(b.end), "total_gpus": b.total_gpus,
+                        "free_gpus": b.free_gpus} for b in buckets]
+                for name, buckets in timeline.items()
+            },
+        })
+
+
+class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
+    """Your tenant's reservations: book, list, cancel, extend, release early."""
+
+    serializer_class = ReservationSerializer
+
+    def tenant_queryset(self, tenant):
+        if self.action != "list":
+            return selectors.reservation_list(tenant=tenant)
+        query = _valid(ListQuery, self.request.query_params)
+        return selectors.reservation_list(tenant=tenant, status=query["status"], start=query["start"], end=query["end"])
+
+    def _show(self, reservation, http_status=status.HTTP_200_OK) -> Response:
+        fresh = selectors.reservation_get(tenant=self.tenant, reservation_id=reservation.pk)
+        return Response(ReservationSerializer(fresh).data, status=http_status)
+
+    @extend_schema(request=WindowQuery, responses={201: ReservationSerializer, 200: ReservationSerializer})
+    def create(self, request):
+        body = _valid(WindowQuery, request.data)
+        result = services.reservation_create(
+            actor=Actor.for_user(request.user), tenant=self.tenant, gpu_model=body["gpu_model"], gpus=body["gpus"],
+            start=body["start"], end=body["end"], region=body["region"] or None, same_domain=body["same_domain"],
+            idempotency_key=request.headers.get("Idempotency-Key", ""), enforce_policies=_enforce(request),
+        )
+        response = self._show(result.reservation, status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+        if not result.created:
+            response["Idempotent-Replayed"] = "true"
+        return response
+
+    @extend_schema(request=None, responses=ReservationSerializer)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        reservation = services.reservation_cancel(actor=Actor.for_user(request.user), reservation=self.get_object())
+        return self._show(reservation)
+
+    @extend_schema(request=ExtendBody, responses=ReservationSerializer)
+    @action(detail=True, methods=["post"])
+    def extend(self, request, pk=None):
+        reservation = self.get_object()
+        body = _valid(ExtendBody, request.data)
+        reservation = services.reservation_extend(actor=Actor.for_user(request.user), reservation=reservation,
+                                                  end=body["end"], enforce_policies=_enforce(request))
+        return self._show(reservation)
+
+    @extend_schema(request=None, responses=ReservationSerializer)
+    @action(detail=True, methods=["post"])
+    def release(self, request, pk=None):
+        reservation = services.reservation_release(actor=Actor.for_user(request.user), reservation=self.get_object())
+        return self._show(reservation)
+
+
+def register(router) -> None:
+    router.register("reservations", ReservationViewSet, basename="reservation")
+
+

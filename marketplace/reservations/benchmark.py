@@ -1,0 +1,389 @@
+"""Booking engine: availability search latency, booking throughput under concurrency, double bookings.
+
+Builds (or reuses) a synthetic fleet — ``--nodes`` nodes of 8 GPUs in 10 clusters, 3 regions and
+topology domains of 32 nodes, with ``--reservations`` past, current and future single-node
+reservations — loaded in bulk (COPY on PostgreSQL, multi-row INSERT elsewhere). Then measures:
+
+- availability search as the API runs it (parameter lookups, policy checks, free-node query,
+  offers) against the same free-node query written by hand in SQL (the floor);
+- bookings per second with 1, 4 and 16 clients, each a thread with its own database connection
+  calling ``reservation_create`` (the API's service) on overlapping windows;
+- single-row INSERT transactions per second on the same database (the floor of a write);
+- double and partial bookings found afterwards by SQL (must be 0).
+"""
+
+import random
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection, connections, transaction
+from django.utils import timezone
+
+from marketplace.core.exceptions import ServiceError
+from marketplace.core.services import Actor
+from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, Node, Region
+from marketplace.reservations import policies, selectors, services
+from marketplace.reservations.models import Allocation, Reservation
+from marketplace.tenants.models import Membership, Tenant
+
+PREFIX = "bench"
+MODELS = [("BENCH-H100", 0.8, Decimal("2.4900")), ("BENCH-B200", 0.2, Decimal("4.1900"))]
+CLUSTERS = 10
+REGIONS = ["bench-us", "bench-eu", "bench-ap"]
+DOMAIN_SIZE = 32
+TENANTS = 64
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--nodes", type=int, default=25_000)
+    parser.add_argument("--reservations", type=int, default=1_000_000)
+    parser.add_argument("--searches", type=int, default=300, help="availability searches to time")
+    parser.add_argument("--bookings", type=int, default=240, help="bookings per concurrency level")
+    parser.add_argument("--floor-seconds", type=float, default=3.0, help="how long to run the INSERT floor")
+    parser.add_argument("--seed", type=int, default=7)
+
+
+def run(options, stdout) -> dict:
+    rng = random.Random(options["seed"])
+    started = time.monotonic()
+    fleet = _ensure_fleet(nodes=options["nodes"], reservations=options["reservations"], rng=rng, stdout=stdout)
+    load_seconds = time.monotonic() - started
+    figures: dict = {
+        "database": connection.vendor,
+        "nodes": fleet["nodes"], "gpus": fleet["nodes"] * 8, "reservations": fleet["reservations"],
+        "fleet_built": fleet["built"], "fleet_seconds": round(load_seconds, 1),
+    }
+    stdout.write(f"fleet ready in {load_seconds:.1f}s: {fleet}\n")
+    figures["search"] = _measure_search(count=options["searches"], rng=rng)
+    stdout.write(f"search: {figures['search']}\n")
+    figures["insert_floor_tx_per_s"] = {str(c): _insert_floor(clients=c, seconds=options["floor_seconds"])
+                                        for c in (1, 16)}
+    stdout.write(f"insert floor: {figures['insert_floor_tx_per_s']}\n")
+    figures["bookings"] = {}
+    for level, clients in enumerate((1, 4, 16)):
+        figures["bookings"][str(clients)] = _measure_bookings(
+            clients=clients, total=options["bookings"], level=level, seed=options["seed"])
+        stdout.write(f"bookings with {clients} clients: {figures['bookings'][str(clients)]}\n")
+    figures["double_bookings"] = _double_bookings()
+    figures["partial_bookings"] = _partial_bookings()
+    figures["server_errors"] = sum(level["server_errors"] for level in figures["bookings"].values())
+    figures["targets"] = _targets(figures)
+    return figures
+
+
+# --- the synthetic fleet --------------------------------------------------------------------------
+
+def _ensure_fleet(*, nodes: int, reservations: int, rng: random.Random, stdout) -> dict:
+    existing = Node.objects.filter(cluster__name__startswith=f"{PREFIX}-").count()
+    if existing:
+        count = Reservation.objects.filter(tenant__slug__startswith=f"{PREFIX}-").count()
+        return {"nodes": existing, "reservations": count, "built": False}
+    now = timezone.now()
+    with transaction.atomic():
+        regions = [Region.objects.create(code=code, name=code) for code in REGIONS]
+        models = []
+        for name, _, price in MODELS:
+            model = GpuModel.objects.create(name=name, memory_gb=80, gpus_per_node=8)
+            for region in regions:
+                GpuPrice.objects.create(gpu_model=model, region=region, currency="USD", price_per_gpu_hour=price)
+            models.append(model)
+        clusters = [Cluster.objects.create(name=f"{PREFIX}-c{i:02d}", region=regions[i % len(regions)])
+                    for i in range(CLUSTERS)]
+        from django.contrib.auth import get_user_model
+
+        user, _ = get_user_model().objects.get_or_create(username=f"{PREFIX}-user")
+        tenants = [Tenant.objects.create(slug=f"{PREFIX}-t{i:02d}", name=f"Bench {i}", gpu_quota=10_000_000)
+                   for i in range(TENANTS)]
+        Membership.objects.bulk_create([Membership(user=user, tenant=t, role="owner") for t in tenants])
+        # Nodes: contiguous blocks per cluster, domains of DOMAIN_SIZE, models in proportion.
+        node_rows = []
+        for index in range(nodes):
+            cluster = clusters[index * CLUSTERS // nodes]
+            model = models[0] if (index % 10) < int(MODELS[0][1] * 10) else models[1]
+            node_rows.append(Node(name=f"{PREFIX}-n{index:06d}", cluster=cluster, gpu_model=model, gpu_count=8,
+                                  cpu_cores=224, memory_gb=2048, topology_domain=f"{cluster.name}-ib{(index // DOMAIN_SIZE) % 1000:03d}-{model.name[-4:]}",
+                                  status=Node.Status.AVAILABLE, health=Node.Health.HEALTHY, created_at=now))
+        Node.objects.bulk_create(node_rows, batch_size=5000)
+    stdout.write(f"loading {reservations} reservations on {nodes} nodes...\n")
+    node_list = list(Node.objects.filter(cluster__name__startswith=f"{PREFIX}-")
+                     .values_list("pk", "cluster_id", "gpu_model_id"))
+    prices = {model.pk: model.prices.first().price_per_gpu_hour for model in models}
+    _load_reservations(node_list=node_list, total=reservations, tenants=[t.pk for t in tenants], user_id=user.pk,
+                       prices=prices, now=now, rng=rng)
+    return {"nodes": nodes, "reservations": reservations, "built": True}
+
+
+def _timeline(*, per_node: int, now: datetime, rng: random.Random):
+    """Back-to-back single-node bookings (4-72 h, gaps ≥ the cleaning gap), ~70 % in the past."""
+    step = policies.granularity()
+    gap = selectors.cleaning_gap()
+    mean_slot = timedelta(hours=50)
+    t = policies.floor_to_granularity(now - mean_slot * per_node * 0.7 + rng.random() * mean_slot)
+    for _ in range(per_node):
+        duration = step * rng.randint(16, 288)
+        yield t, t + duration
+        t = policies.ceil_to_granularity(t + duration + gap + step * rng.randint(0, 96))
+
+
+def _status_at(start: datetime, end: datetime, now: datetime) -> str:
+    if end <= now:
+        return "completed"
+    return "active" if start <= now else "confirmed"
+
+
+def _load_reservations(*, node_list, total: int, tenants: list[int], user_id: int, prices: dict, now: datetime,
+                       rng: random.Random, chunk: int = 100_000) -> None:
+    gap = selectors.cleaning_gap()
+    per_node = max(1, total // len(node_list))
+    extra = total - per_node * len(node_list)
+    res_rows, alloc_rows = [], []
+
+    def flush():
+        if connection.vendor == "postgresql":
+            _copy("reservations_reservation",
+                  ["id", "tenant_id", "created_by_id", "gpu_model_id", "cluster_id", "gpus", "same_domain",
+                   "starts_at", "ends_at", "status", "status_reason", "status_changed_at", "currency", "unit_price",
+                   "total_price", "idempotency_key", "request_fingerprint", "created_at", "updated_at"], res_rows)
+            _copy("reservations_allocation", ["reservation_id", "node_id", "starts_at", "ends_at", "blocked_until",
+                                              "state", "created_at"], alloc_rows)
+        else:
+            Reservation.objects.bulk_create(
+                [Reservation(id=r[0], tenant_id=r[1], created_by_id=r[2], gpu_model_id=r[3], cluster_id=r[4], gpus=8,
+                             starts_at=r[7], ends_at=r[8], status=r[9], currency="USD", unit_price=r[13],
+                             total_price=r[14]) for r in res_rows], batch_size=2000)
+            Allocation.objects.bulk_create(
+                [Allocation(reservation_id=a[0], node_id=a[1], starts_at=a[2], ends_at=a[3], blocked_until=a[4],
+                            state=a[5]) for a in alloc_rows], batch_size=2000)
+        res_rows.clear()
+        alloc_rows.clear()
+
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # The generator writes consistent rows; skipping the per-row FK triggers during the bulk
+            # load saves minutes. The exclusion constraint (an index, not a trigger) still checks every row.
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL session_replication_role = replica")
+        for position, (node_id, cluster_id, model_id) in enumerate(node_list):
+            count = per_node + (1 if position < extra else 0)
+            for start, end in _timeline(per_node=count, now=now, rng=rng):
+                rid = uuid.uuid4()
+                status = _status_at(start, end, now)
+                unit = prices[model_id]
+                total_price = (unit * 8 * Decimal(int((end - start).total_seconds())) / 3600).quantize(Decimal("0.01"))
+                res_rows.append((rid, rng.choice(tenants), user_id, model_id, cluster_id, 8, False, start, end, status,
+                                 "", now, "USD", unit, total_price, "", "", now, now))
+                alloc_rows.append((rid, node_id, start, end, end + gap,
+                                   "released" if status == "completed" else "active", now))
+            if len(res_rows) >= chunk:
+                flush()
+        flush()
+    if connection.vendor == "postgresql":
+        # What autovacuum would do shortly after a bulk load: statistics for the planner and the
+        # visibility map that lets the free-node search run as an index-only scan.
+        with connection.cursor() as cursor:
+            for table in ("inventory_region", "inventory_cluster", "inventory_gpumodel", "inventory_gpuprice",
+                          "inventory_node", "reservations_reservation", "reservations_allocation"):
+                cursor.execute(f"VACUUM ANALYZE {table}")
+
+
+def _copy(table: str, columns: list[str], rows: list[tuple]) -> None:
+    with connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+FLOOR_SQL = """
+SELECT n.cluster_id, n.topology_domain, count(*)
+FROM inventory_node n
+WHERE n.gpu_model_id = %(model)s AND n.status = 'available' AND n.health <> 'unhealthy'
+  AND n.cluster_id = ANY(%(clusters)s)
+  AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
+                  WHERE a.node_id = n.id AND a.state <> 'cancelled'
+                    AND a.starts_at < %(padded_end)s AND a.blocked_until > %(start)s
+                    AND tstzrange(a.starts_at, a.blocked_until, '[)') && tstzrange(%(start)s, %(padded_end)s, '[)'))
+  AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
+                  WHERE m.node_id = n.id AND m.cancelled_at IS NULL AND m.starts_at < %(padded_end)s
+                    AND m.ends_at > %(start)s)
+GROUP BY n.cluster_id, n.topology_domain
+"""
+
+
+def _percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
+    return round(ordered[index], 2)
+
+
+def _queries(count: int, rng: random.Random) -> list[dict]:
+    now = timezone.now()
+    step = policies.granularity()
+    regions = [None] + REGIONS
+    queries = []
+    for _ in range(count):
+        start = policies.ceil_to_granularity(now + step * rng.randint(4 * 24, 4 * 24 * 20))
+        queries.append({"gpu_model": MODELS[0][0], "gpus": 8 * rng.choice([1, 2, 4, 8, 16, 32]), "start": start,
+                        "end": start + step * rng.randint(4, 4 * 48), "region": rng.choice(regions),
+                        "same_domain": rng.random() < 0.5})
+    return queries
+
+
+def _search_like_the_api(q: dict):
+    model = selectors.gpu_model_by_name(q["gpu_model"])
+    region = selectors.region_by_code(q["region"])
+    policies.check_window(start=q["start"], end=q["end"])
+    return selectors.availability_search(gpu_model=model, gpus=q["gpus"], start=q["start"], end=q["end"],
+                                         region=region, same_domain=q["same_domain"])
+
+
+def _measure_search(*, count: int, rng: random.Random) -> dict:
+    queries = _queries(count, rng)
+    for q in queries[:10]:  # warm caches and connections
+        _search_like_the_api(q)
+    service_ms, floor_ms, offers = [], [], 0
+    model_id = GpuModel.objects.get(name=MODELS[0][0]).pk
+    # The floor gets the active clusters of each region for free; the service looks them up.
+    clusters = {code: list(Cluster.objects.filter(status="active", region__code=code).values_list("pk", flat=True))
+                for code in REGIONS}
+    clusters[None] = list(Cluster.objects.filter(status="active").values_list("pk", flat=True))
+    for q in queries:
+        t0 = time.perf_counter()
+        found = _search_like_the_api(q)
+        service_ms.append((time.perf_counter() - t0) * 1000)
+        offers += bool(found.offers)
+        if connection.vendor == "postgresql":
+            params = {"model": model_id, "clusters": clusters[q["region"]], "start": q["start"],
+                      "padded_end": q["end"] + selectors.cleaning_gap()}
+            t0 = time.perf_counter()
+            with connection.cursor() as cursor:
+                cursor.execute(FLOOR_SQL, params)
+                cursor.fetchall()
+            floor_ms.append((time.perf_counter() - t0) * 1000)
+    result = {"searches": count, "with_offers": offers, "p50_ms": _percentile(service_ms, 50),
+              "p95_ms": _percentile(service_ms, 95), "p99_ms": _percentile(service_ms, 99)}
+    if floor_ms:
+        result["sql_floor_p50_ms"] = _percentile(floor_ms, 50)
+        result["sql_floor_p95_ms"] = _percentile(floor_ms, 95)
+        result["p95_over_floor"] = round(result["p95_ms"] / max(result["sql_floor_p95_ms"], 0.001), 2)
+    return result
+
+
+# --- writes ---------------------------------------------------------------------------------------
+
+def _in_threads(clients: int, work) -> float:
+    barrier = threading.Barrier(clients + 1)
+
+    def body(index):
+        try:
+            barrier.wait()
+            work(index)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - t0
+
+
+def _insert_floor(*, clients: int, seconds: float) -> float:
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("CREATE TABLE IF NOT EXISTS bench_insert_floor (id bigserial PRIMARY KEY, "
+                           "at timestamptz NOT NULL, payload text NOT NULL)")
+        else:
+            cursor.execute("CREATE TABLE IF NOT EXISTS bench_insert_floor (id integer PRIMARY KEY AUTOINCREMENT, "
+                           "at text NOT NULL, payload text NOT NULL)")
+    done = [0] * clients
+
+    def work(index):
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("INSERT INTO bench_insert_floor (at, payload) VALUES (%s, %s)",
+                                   [timezone.now(), "x"])
+            done[index] += 1
+
+    elapsed = _in_threads(clients, work)
+    return round(sum(done) / elapsed, 1)
+
+
+def _measure_bookings(*, clients: int, total: int, level: int, seed: int) -> dict:
+    """``total`` bookings split over ``clients`` threads, all inside one 6-hour span (overlapping)."""
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.get(username=f"{PREFIX}-user")
+    tenants = list(Tenant.objects.filter(slug__startswith=f"{PREFIX}-").order_by("slug"))
+    step = policies.granularity()
+    base = policies.ceil_to_granularity(timezone.now() + timedelta(days=120 + 7 * level))
+    counts = {"booked": 0, "refused": 0, "server_errors": 0}
+    lock = threading.Lock()
+
+    def work(index):
+        rng = random.Random(seed * 1000 + level * 100 + index)
+        tenant = tenants[index % len(tenants)]
+        for _ in range(total // clients):
+            start = base + step * rng.randint(0, 8)
+            try:
+                services.reservation_create(actor=Actor.for_user(user), tenant=tenant, gpu_model=MODELS[0][0],
+                                            gpus=8 * rng.choice([1, 2, 4]), start=start,
+                                            end=start + step * rng.randint(8, 16), same_domain=True)
+                outcome = "booked"
+            except ServiceError:
+                outcome = "refused"
+            except Exception:  # noqa: BLE001 - the figure to report is exactly "anything else"
+                outcome = "server_errors"
+            with lock:
+                counts[outcome] += 1
+
+    elapsed = _in_threads(clients, work)
+    return counts | {"seconds": round(elapsed, 2), "bookings_per_s": round(counts["booked"] / elapsed, 1)}
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+def _double_bookings() -> int:
+    """Non-cancelled allocations whose blocked period overlaps an earlier one on the same node."""
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            SELECT count(*) FROM (
+              SELECT starts_at, max(blocked_until) OVER (PARTITION BY node_id ORDER BY starts_at, id
+                                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
+              FROM reservations_allocation WHERE state <> 'cancelled') s
+            WHERE prev_end > starts_at""")
+        return cursor.fetchone()[0]
+
+
+def _partial_bookings() -> int:
+    """Holding reservations whose live allocations do not add up to the GPUs booked."""
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            SELECT count(*) FROM reservations_reservation r
+            WHERE r.status IN ('pending', 'confirmed', 'provisioning', 'active', 'degraded', 'releasing')
+              AND r.gpus <> COALESCE((SELECT sum(n.gpu_count) FROM reservations_allocation a
+                                      JOIN inventory_node n ON n.id = a.node_id
+                                      WHERE a.reservation_id = r.id AND a.state <> 'cancelled'), 0)""")
+        return cursor.fetchone()[0]
+
+
+def _targets(f: dict) -> dict:
+    targets = {"search_p95_le_50ms": f["search"]["p95_ms"] <= 50,
+               "zero_double_bookings": f["double_bookings"] == 0,
+               "zero_partial_bookings": f["partial_bookings"] == 0,
+               "zero_server_errors": f["server_errors"] == 0}
+    if "p95_over_floor" in f["search"]:
+        targets["search_p95_le_3x_floor"] = f["search"]["p95_over_floor"] <= 3
+    rate16 = f["bookings"]["16"]["bookings_per_s"]
+    for clients, floor in f["insert_floor_tx_per_s"].items():
+        targets[f"bookings16_over_insert_floor_{clients}_clients"] = round(rate16 / floor, 3) if floor else None
+    return targets

@@ -1,0 +1,362 @@
+"""Reads of the booking engine: free nodes, availability offers, the capacity calendar, reservations.
+
+"Free" for a window [start, end) means: a bookable node (its model, status available, not
+unhealthy, its cluster active) with no non-cancelled allocation whose blocked period
+[starts_at, blocked_until) overlaps [start, end + cleaning gap), and no non-cancelled maintenance
+window overlapping that padded period either. Padding the request (rather than only the existing
+allocations) keeps the cleaning gap after *this* booking free as well.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib.postgres.fields import RangeBoundary
+from django.db import connection
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
+
+from marketplace.core.db import TsTzRange
+from marketplace.core.exceptions import InvalidInput, NotFound
+from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
+from marketplace.reservations import money, policies
+from marketplace.reservations.models import Allocation, Reservation
+
+
+def cleaning_gap() -> timedelta:
+    return settings.MARKETPLACE["CLEANING_GAP"]
+
+
+# --- lookups of request parameters ---------------------------------------------------------------
+
+def gpu_model_by_name(name: str) -> GpuModel:
+    model = GpuModel.objects.filter(name=name).first() if name else None
+    if model is None:
+        known = ", ".join(GpuModel.objects.order_by("name").values_list("name", flat=True)[:20])
+        raise InvalidInput(f"No GPU model named {name!r}. Known models: {known or 'none'}.",
+                           code="unknown_gpu_model", fields={"gpu_model": ["unknown GPU model"]})
+    return model
+
+
+def region_by_code(code: str | None) -> Region | None:
+    if not code:
+        return None
+    region = Region.objects.filter(code=code).first()
+    if region is None:
+        raise InvalidInput(f"No region {code!r}.", code="unknown_region", fields={"region": ["unknown region"]})
+    return region
+
+
+# --- free nodes -----------------------------------------------------------------------------------
+
+def bookable_nodes(*, gpu_model: GpuModel, region: Region | None = None,
+                   cluster_ids: list[int] | None = None) -> QuerySet[Node]:
+    """Nodes that may be offered at all: maintenance, offline, retired, unhealthy never are.
+
+    The active clusters (or ``cluster_ids``, already known to be active) are passed as a list:
+    joining the tiny cluster table makes the planner guess "few nodes" and probe every node's
+    allocations one by one, where one scan of the window's allocations is four times faster.
+    """
+    if cluster_ids is None:
+        clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE)
+        if region is not None:
+            clusters = clusters.filter(region=region)
+        cluster_ids = list(clusters.values_list("pk", flat=True))
+    return Node.objects.filter(gpu_model=gpu_model, status=Node.Status.AVAILABLE,
+                               cluster_id__in=cluster_ids).exclude(health=Node.Health.UNHEALTHY)
+
+
+def allocations_overlapping(*, start: datetime, end: datetime) -> QuerySet[Allocation]:
+    """Non-cancelled allocations whose blocked period overlaps [start, end).
+
+    On PostgreSQL the test is also written as a range overlap on exactly the expression and
+    predicate of the GiST indexes, so the planner can scan the window once instead of walking
+    every node's allocation history.
+    """
+    live = Allocation.objects.exclude(state=Allocation.State.CANCELLED)
+    overlapping = live.filter(starts_at__lt=end, blocked_until__gt=start)
+    if connection.vendor == "postgresql":
+        # Both forms of the same test: the range overlap lets a fleet-wide search use the covering
+        # GiST index; the plain comparisons let a one-node probe use allocation_node_busy_idx.
+        return overlapping.annotate(period=TsTzRange("starts_at", "blocked_until", RangeBoundary())).filter(
+            period__overlap=DateTimeTZRange(start, end, "[)"))
+    return overlapping
+
+
+def maintenance_overlapping(*, start: datetime, end: datetime) -> QuerySet[MaintenanceWindow]:
+    return MaintenanceWindow.objects.filter(cancelled_at__isnull=True, starts_at__lt=end, ends_at__gt=start)
+
+
+def free_nodes(*, gpu_model: GpuModel, start: datetime, end: datetime, region: Region | None = None,
+               cluster_ids: list[int] | None = None, ignore_reservation: Reservation | None = None) -> QuerySet[Node]:
+    """Bookable nodes free for [start, end) plus the cleaning gap after it."""
+    padded_end = end + cleaning_gap()
+    busy = allocations_overlapping(start=start, end=padded_end).filter(node_id=OuterRef("pk"))
+    if ignore_reservation is not None:
+        busy = busy.exclude(reservation=ignore_reservation)
+    maintenance = maintenance_overlapping(start=start, end=padded_end).filter(node_id=OuterRef("pk"))
+    return bookable_nodes(gpu_model=gpu_model, region=region, cluster_ids=cluster_ids).filter(
+        ~Exists(busy), ~Exists(maintenance))
+
+
+def priced_clusters(*, gpu_model: GpuModel, region: Region | None = None) -> list[tuple[Cluster, GpuPrice]]:
+    """Active clusters where ``gpu_model`` has a price, cheapest first (then by name)."""
+    prices = {price.region_id: price for price in GpuPrice.objects.filter(gpu_model=gpu_model)}
+    clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE, region_id__in=list(prices)).select_related("region")
+    if region is not None:
+        clusters = clusters.filter(region=region)
+    return sorted(((c, prices[c.region_id]) for c in clusters), key=lambda cp: (cp[1].price_per_gpu_hour, cp[0].name))
+
+
+def free_node_counts(*, gpu_model: GpuModel, start: datetime, end: datetime,
+                     cluster_ids: list[int]) -> dict[int, dict[str, int]]:
+    """{cluster id: {topology domain: free nodes}}: one grouped query."""
+    rows = (free_nodes(gpu_model=gpu_model, start=start, end=end, cluster_ids=cluster_ids)
+            .order_by().values_list("cluster_id", "topology_domain").annotate(n=Count("id")))
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    for cluster_id, domain, n in rows:
+        counts[cluster_id][domain] = n
+    return counts
+
+
+# --- offers -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Offer:
+    region: str
+    cluster: str
+    cluster_id: int
+    nodes: int
+    gpus: int
+    same_domain: bool
+    domains: tuple[str, ...]
+    unit_price: Decimal
+    total_price: Decimal
+    currency: str
+    start: datetime
+    end: datetime
+
+
+@dataclass
+class Availability:
+    gpu_model: str
+    gpus: int
+    nodes: int
+    start: datetime
+    end: datetime
+    offers: list[Offer] = field(default_factory=list)
+    reason: dict | None = None  # {"code", "message"} when no offer fits
+
+
+def plan_domains(domain_counts: dict[str, int], nodes: int, *, same_domain: bool) -> tuple[str, ...] | None:
+    """Which topology domains to take ``nodes`` free nodes from, or None if they do not fit.
+
+    Prefers one domain: the first by name that fits, which is the one a booking takes (it walks
+    domains in that order and stops at the first fit); otherwise the fewest domains, largest first.
+    """
+    fitting = sorted(d for d, n in domain_counts.items() if n >= nodes)
+    if fitting:
+        return (fitting[0],)
+    if same_domain or sum(domain_counts.values()) < nodes:
+        return None
+    chosen, total = [], 0
+    for domain, n in sorted(domain_counts.items(), key=lambda item: (-item[1], item[0])):
+        chosen.append(domain)
+        total += n
+        if total >= nodes:
+            return tuple(chosen)
+    return None
+
+
+def offers_for(*, gpu_model: GpuModel, nodes: int, start: datetime, end: datetime,
+               counts: dict[int, dict[str, int]], priced: list[tuple[Cluster, GpuPrice]],
+               same_domain: bool) -> list[Offer]:
+    """Feasible offers, best first: one domain before several, then cheaper, then by cluster name."""
+    offers = []
+    gpus = nodes * gpu_model.gpus_per_node
+    for cluster, price in priced:
+        domains = plan_domains(counts.get(cluster.pk, {}), nodes, same_domain=same_domain)
+        if domains is None:
+            continue
+        offers.append(Offer(
+            region=cluster.region.code, cluster=cluster.name, cluster_id=cluster.pk, nodes=nodes, gpus=gpus,
+            same_domain=len(domains) == 1, domains=domains, unit_price=price.price_per_gpu_hour,
+            total_price=money.reservation_total(unit_price=price.price_per_gpu_hour, gpus=gpus, duration=end - start),
+            currency=price.currency, start=start, end=end,
+        ))
+    offers.sort(key=lambda o: (not o.same_domain, o.total_price, o.cluster))
+    return offers
+
+
+def _no_offer_reason(*, gpu_model: GpuModel, nodes: int, region: Region | None, same_domain: bool,
+                     counts: dict[int, dict[str, int]], cluster_ids: list[int]) -> dict:
+    where = f" in region {region.code}" if region else ""
+    if not counts and not bookable_nodes(gpu_model=gpu_model, cluster_ids=cluster_ids).exists():
+        return {"code": "no_nodes", "message": f"There are no bookable {gpu_model.name} nodes with a price{where}."}
+    best_cluster = max((sum(c.values()) for c in counts.values()), default=0)
+    best_domain = max((n for c in counts.values() for n in c.values()), default=0)
+    size = gpu_model.gpus_per_node
+    if same_domain and best_cluster >= nodes:
+        return {"code": "insufficient_capacity",
+                "message": f"Only {best_domain} free {gpu_model.name} nodes ({best_domain * size} GPUs) share one "
+                           f"topology domain{where} in that window; you asked for {nodes} ({nodes * size} GPUs)."}
+    return {"code": "insufficient_capacity",
+            "message": f"Only {best_cluster} free {gpu_model.name} nodes ({best_cluster * size} GPUs) in one "
+                       f"cluster{where} in that window; you asked for {nodes} ({nodes * size} GPUs)."}
+
+
+def availability_search(*, gpu_model: GpuModel, gpus: int, start: datetime, end: datetime,
+                        region: Region | None = None, same_domain: bool = False) -> Availability:
+    """Offers for ``gpus`` of ``gpu_model`` over [start, end). Window policies are checked by the caller."""
+    nodes = policies.check_gpus(gpus=gpus, gpus_per_node=gpu_model.gpus_per_node, model_name=gpu_model.name)
+    # Only clusters where the model has a price can be offered; counting just those nodes.
+    priced = priced_clusters(gpu_model=gpu_model, region=region)
+    cluster_ids = [cluster.pk for cluster, _ in priced]
+    counts = free_node_counts(gpu_model=gpu_model, start=start, end=end, cluster_ids=cluster_ids)
+    result = Availability(gpu_model=gpu_model.name, gpus=gpus, nodes=nodes, start=start, end=end)
+    result.offers = offers_for(gpu_model=gpu_model, nodes=nodes, start=start, end=end, counts=counts,
+                               priced=priced, same_domain=same_domain)
+    if not result.offers:
+        result.reason = _no_offer_reason(gpu_model=gpu_model, nodes=nodes, region=region,
+                                         same_domain=same_domain, counts=counts, cluster_ids=cluster_ids)
+    return result
+
+
+def _candidate_starts(*, gpu_model: GpuModel, region: Region | None, after: datetime, until: datetime,
+                      limit: int) -> list[datetime]:
+    """Moments in (after, until] when some matching node becomes free again, aligned up.
+
+    A window that does not fit at ``after`` can only start fitting when an allocation's blocked
+    period or a maintenance window ends, so these are the only starts worth probing.
+    """
+    nodes = bookable_nodes(gpu_model=gpu_model, region=region).values("pk")
+    ends = set(
+        Allocation.objects.exclude(state=Allocation.State.CANCELLED)
+        .filter(node__in=nodes, blocked_until__gt=after, blocked_until__lte=until)
+        .order_by("blocked_until").values_list("blocked_until", flat=True).distinct()[: limit * 4]
+    )
+    ends |= set(
+        MaintenanceWindow.objects.filter(node__in=nodes, cancelled_at__isnull=True, ends_at__gt=after,
+                                         ends_at__lte=until)
+        .order_by("ends_at").values_list("ends_at", flat=True).distinct()[: limit * 4]
+    )
+    aligned = sorted({policies.ceil_to_granularity(moment) for moment in ends})
+    return [moment for moment in aligned if after < moment <= until][:limit]
+
+
+EARLIEST_MAX_PROBES = 200
+
+
+def availability_earliest(*, gpu_model: GpuModel, gpus: int, start: datetime, end: datetime,
+                          horizon: datetime, region: Region | None = None,
+                          same_domain: bool = False) -> Availability:
+    """The first window of the same length, starting in [start, horizon], for which offers exist."""
+    duration = end - start
+    first = availability_search(gpu_model=gpu_model, gpus=gpus, start=start, end=end, region=region,
+                                same_domain=same_domain)
+    if first.offers:
+        return first
+    for moment in _candidate_starts(gpu_model=gpu_model, region=region, after=start, until=horizon,
+                                    limit=EARLIEST_MAX_PROBES):
+        found = availability_search(gpu_model=gpu_model, gpus=gpus, start=moment, end=moment + duration,
+                                    region=region, same_domain=same_domain)
+        if found.offers:
+            return found
+    first.reason = {"code": "insufficient_capacity",
+                    "message": f"No window of {duration} starting before {horizon:%Y-%m-%d %H:%M} UTC fits "
+                               f"{gpus} {gpu_model.name} GPUs{' in one topology domain' if same_domain else ''}."}
+    return first
+
+
+# --- capacity calendar --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CapacityBucket:
+    start: datetime
+    end: datetime
+    total_gpus: int
+    free_gpus: int
+
+
+def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_model: GpuModel | None = None,
+                      region: Region | None = None) -> dict[str, list[CapacityBucket]]:
+    """Per GPU model: GPUs on bookable nodes free for each whole bucket [t, t + step) of [start, end).
+
+    Three queries (nodes, allocations, maintenance in the range); the bucketing is done here.
+    """
+    if step <= timedelta(0):
+        raise InvalidInput("step must be positive.", fields={"step": ["must be positive"]})
+    buckets = int(-(-(end - start) // step))
+    if buckets > settings.MARKETPLACE["CAPACITY_MAX_BUCKETS"]:
+        raise InvalidInput(f"That is {buckets} buckets; at most {settings.MARKETPLACE['CAPACITY_MAX_BUCKETS']} "
+                           f"per request: use a larger step or a shorter range.", fields={"step": ["too small"]})
+    models = [gpu_model] if gpu_model else list(GpuModel.objects.order_by("name"))
+    node_filter = Q(gpu_model__in=models, status=Node.Status.AVAILABLE, cluster__status=Cluster.Status.ACTIVE) & ~Q(
+        health=Node.Health.UNHEALTHY)
+    if region is not None:
+        node_filter &= Q(cluster__region=region)
+    nodes = {pk: (model_id, gpu_count) for pk, model_id, gpu_count in
+             Node.objects.filter(node_filter).values_list("pk", "gpu_model_id", "gpu_count")}
+    node_ids = Node.objects.filter(node_filter).values("pk")
+    periods = list(allocations_overlapping(start=start, end=end).filter(node_id__in=node_ids)
+                   .values_list("node_id", "starts_at", "blocked_until"))
+    periods += list(maintenance_overlapping(start=start, end=end).filter(node_id__in=node_ids)
+                    .values_list("node_id", "starts_at", "ends_at"))
+    busy: list[set[int]] = [set() for _ in range(buckets)]
+    for node_id, busy_from, busy_until in periods:
+        first = max(0, int((busy_from - start) // step))
+        last = min(buckets - 1, int(-(-(busy_until - start) // step)) - 1)
+        for index in range(first, last + 1):
+            busy[index].add(node_id)
+    totals: dict[int, int] = defaultdict(int)
+    for model_id, gpu_count in nodes.values():
+        totals[model_id] += gpu_count
+    result: dict[str, list[CapacityBucket]] = {}
+    for model in models:
+        series = []
+        for index in range(buckets):
+            bucket_start = start + index * step
+            taken = sum(nodes[n][1] for n in busy[index] if nodes[n][0] == model.pk)
+            series.append(CapacityBucket(start=bucket_start, end=min(bucket_start + step, end),
+                                         total_gpus=totals[model.pk], free_gpus=totals[model.pk] - taken))
+        result[model.name] = series
+    return result
+
+
+# --- reservations -------------------------------------------------------------------------------
+
+def reservation_list(*, tenant, status: list[str] | None = None, start: datetime | None = None,
+                     end: datetime | None = None) -> QuerySet[Reservation]:
+    """A tenant's reservations, optionally by status and overlapping [start, end); no N+1."""
+    reservations = (
+        Reservation.objects.for_tenant(tenant)
+        .select_related("cluster__region", "gpu_model")
+        .prefetch_related(Prefetch("allocations", queryset=Allocation.objects.select_related("node")
+                                   .order_by("node__name")))
+        .order_by("-starts_at", "-created_at")
+    )
+    if status:
+        reservations = reservations.filter(status__in=status)
+    if start is not None:
+        reservations = reservations.filter(ends_at__gt=start)
+    if end is not None:
+        reservations = reservations.filter(starts_at__lt=end)
+    return reservations
+
+
+def reservation_get(*, tenant, reservation_id) -> Reservation:
+    reservation = reservation_list(tenant=tenant).filter(pk=reservation_id).first()
+    if reservation is None:
+        raise NotFound("No such reservation.")
+    return reservation
+
+
+def reservation_node_names(reservation: Reservation) -> list[str]:
+    """Nodes the reservation holds (or held); a cancelled one shows the nodes it had booked."""
+    allocations = list(reservation.allocations.all())
+    shown = [a for a in allocations if a.state in (Allocation.State.ACTIVE, Allocation.State.RELEASED)]
+    if not shown and reservation.status == Reservation.Status.CANCELLED:
+        shown = allocations
+    return sorted({a.node.name for a in shown})

@@ -1,0 +1,161 @@
+"""Tenant pages for booking: search availability, book, list, and cancel/extend/release.
+
+Views only parse forms and call the same services and selectors as the API; every ServiceError
+becomes a message on the page.
+"""
+
+import uuid
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from marketplace.core.exceptions import PermissionDenied, ServiceError
+from marketplace.core.services import Actor
+from marketplace.inventory.models import GpuModel, Region
+from marketplace.reservations import policies, selectors, services
+from marketplace.reservations.status import ReservationStatus
+from marketplace.tenants.selectors import membership_for, request_tenant
+
+DATETIME_INPUT = forms.DateTimeInput(attrs={"type": "datetime-local", "step": 900}, format="%Y-%m-%dT%H:%M")
+
+
+class SearchForm(forms.Form):
+    gpu_model = forms.ModelChoiceField(queryset=GpuModel.objects.order_by("name"), to_field_name="name")
+    gpus = forms.IntegerField(min_value=1, initial=8, help_text="Whole nodes: a multiple of the node size.")
+    start = forms.DateTimeField(required=False, widget=DATETIME_INPUT, help_text="UTC; empty means now.")
+    end = forms.DateTimeField(widget=DATETIME_INPUT, help_text="UTC")
+    region = forms.ModelChoiceField(queryset=Region.objects.order_by("code"), to_field_name="code", required=False,
+                                    empty_label="any region")
+    same_domain = forms.BooleanField(required=False, label="All nodes in one topology domain")
+
+
+class ExtendForm(forms.Form):
+    end = forms.DateTimeField(widget=DATETIME_INPUT, help_text="UTC")
+
+
+def _tenant_or_none(request):
+    tenant = request_tenant(request)
+    if tenant is None:
+        messages.error(request, "You act for no tenant: join a tenant to book.")
+    return tenant
+
+
+def _writer(request, tenant):
+    membership = membership_for(user=request.user, tenant=tenant)
+    if membership is None or not membership.can_write:
+        raise PermissionDenied("Viewers cannot change anything; ask an owner of your tenant.")
+
+
+def _form_errors(form) -> str:
+    return "; ".join(f"{name}: {' '.join(errors)}" for name, errors in form.errors.items())
+
+
+@login_required
+def search(request):
+    form = SearchForm(request.GET or None)
+    result = None
+    if form.is_bound and form.is_valid():
+        data = form.cleaned_data
+        try:
+            now = timezone.now()
+            start = policies.resolve_start(data["start"], now=now)
+            policies.check_window(start=start, end=data["end"], enforce=not request.user.is_staff, now=now)
+            result = selectors.availability_search(gpu_model=data["gpu_model"], gpus=data["gpus"], start=start,
+                                                   end=data["end"], region=data["region"],
+                                                   same_domain=data["same_domain"])
+        except ServiceError as exc:
+            messages.error(request, exc.message)
+    elif form.is_bound:
+        messages.error(request, _form_errors(form))
+    # A fresh key per rendered offer list: a double-submitted Book button books once.
+    return render(request, "web/reservations/search.html",
+                  {"form": form, "result": result, "idempotency_key": uuid.uuid4().hex})
+
+
+@login_required
+@require_POST
+def book(request):
+    tenant = _tenant_or_none(request)
+    form = SearchForm(request.POST)
+    back = reverse("web:reservation-search") + "?" + urlencode(
+        {name: request.POST.get(name, "") for name in SearchForm.base_fields})
+    if tenant is None:
+        return redirect("web:dashboard")
+    if not form.is_valid():
+        messages.error(request, _form_errors(form))
+        return redirect(back)
+    data = form.cleaned_data
+    try:
+        _writer(request, tenant)
+        result = services.reservation_create(
+            actor=Actor.for_user(request.user), tenant=tenant, gpu_model=data["gpu_model"].name, gpus=data["gpus"],
+            start=data["start"], end=data["end"], region=data["region"].code if data["region"] else None,
+            same_domain=data["same_domain"], idempotency_key=request.POST.get("idempotency_key", ""),
+            enforce_policies=not request.user.is_staff,
+        )
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect(back)
+    reservation = result.reservation
+    messages.success(request, f"Booked {reservation.gpus} GPUs for {reservation.total_price} {reservation.currency}.")
+    return redirect("web:reservation-detail", reservation_id=reservation.pk)
+
+
+@login_required
+def reservation_list(request):
+    tenant = request_tenant(request)
+    status = request.GET.get("status", "")
+    wanted = [status] if status in ReservationStatus.values else None
+    reservations = selectors.reservation_list(tenant=tenant, status=wanted)[:200] if tenant else []
+    rows = [(r, selectors.reservation_node_names(r)) for r in reservations]
+    return render(request, "web/reservations/list.html",
+                  {"rows": rows, "statuses": ReservationStatus.choices, "status": status})
+
+
+@login_required
+def reservation_detail(request, reservation_id):
+    tenant = request_tenant(request)
+    try:
+        reservation = selectors.reservation_get(tenant=tenant, reservation_id=reservation_id)
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("web:reservation-list")
+    return render(request, "web/reservations/detail.html", {
+        "reservation": reservation, "nodes": selectors.reservation_node_names(reservation),
+        "events": reservation.events.order_by("due_at"), "extend_form": ExtendForm(initial={"end": reservation.ends_at}),
+    })
+
+
+@login_required
+@require_POST
+def reservation_action(request, reservation_id, action):
+    tenant = request_tenant(request)
+    actor = Actor.for_user(request.user)
+    try:
+        _writer(request, tenant)
+        reservation = selectors.reservation_get(tenant=tenant, reservation_id=reservation_id)
+        if action == "cancel":
+            services.reservation_cancel(actor=actor, reservation=reservation)
+            messages.success(request, "Reservation cancelled; its nodes are free again.")
+        elif action == "release":
+            services.reservation_release(actor=actor, reservation=reservation)
+            messages.success(request, "Reservation released; the pool is being drained.")
+        elif action == "extend":
+            form = ExtendForm(request.POST)
+            if not form.is_valid():
+                messages.error(request, _form_errors(form))
+            else:
+                services.reservation_extend(actor=actor, reservation=reservation, end=form.cleaned_data["end"],
+                                            enforce_policies=not request.user.is_staff)
+                messages.success(request, "Reservation extended.")
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        if exc.http_status == 404:
+            return redirect("web:reservation-list")
+    return redirect("web:reservation-detail", reservation_id=reservation_id)

@@ -1,0 +1,95 @@
+"""Availability search, earliest start, and the capacity calendar."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from marketplace.inventory.models import MaintenanceWindow, Node
+from marketplace.reservations import selectors, services
+from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
+from tests.reservations.conftest import at
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen")]
+
+
+def search(fleet, **kwargs):
+    params = {"gpu_model": fleet.model, "gpus": 16, "start": at(2), "end": at(6)} | kwargs
+    return selectors.availability_search(**params)
+
+
+def test_offer_prefers_one_domain_and_quotes_the_price(fleet):
+    found = search(fleet)
+    [offer] = found.offers
+    assert (offer.cluster, offer.region, offer.nodes, offer.same_domain) == ("east-1", "us-east", 2, True)
+    assert (offer.unit_price, offer.total_price, offer.currency) == (Decimal("2.5000"), Decimal("160.00"), "USD")
+    assert found.reason is None
+
+
+def test_cheaper_region_ranks_first_among_equal_offers(fleet):
+    eu = RegionFactory(code="eu-west", name="EU")
+    GpuPriceFactory(gpu_model=fleet.model, region=eu, price_per_gpu_hour=Decimal("2.0000"))
+    cluster = ClusterFactory(name="west-1", region=eu)
+    NodeFactory.create_batch(2, cluster=cluster, gpu_model=fleet.model, topology_domain="ib-w")
+    offers = search(fleet).offers
+    assert [o.cluster for o in offers] == ["west-1", "east-1"]
+    assert [o.cluster for o in search(fleet, region=eu).offers] == ["west-1"]
+
+
+def test_no_offer_says_why(fleet):
+    found = search(fleet, gpus=40, same_domain=True)
+    assert found.offers == [] and found.reason["code"] == "insufficient_capacity"
+    assert "share one topology domain" in found.reason["message"]
+    Node.objects.update(status=Node.Status.MAINTENANCE)
+    assert search(fleet).reason["code"] == "no_nodes"
+
+
+def test_booked_nodes_and_their_cleaning_gap_are_not_offered(fleet, tenant, member):
+    from marketplace.core.services import Actor
+
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=32,
+                                start=at(2), end=at(6))
+    # the four ib-a nodes are held until 6h + 30 min
+    assert sum(o.nodes for o in search(fleet, gpus=8).offers) == 1
+    assert search(fleet, gpus=24, start=at(6.25), end=at(8)).offers == []
+    assert search(fleet, gpus=32, start=at(6.5), end=at(8), same_domain=True).offers[0].domains == ("ib-a",)
+
+
+def test_earliest_finds_the_first_window_that_fits(fleet, tenant, member):
+    from marketplace.core.services import Actor
+
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=48,
+                                start=at(2), end=at(6))
+    for node in Node.objects.filter(topology_domain="ib-a"):
+        MaintenanceWindow.objects.create(node=node, starts_at=at(6), ends_at=at(10) + timedelta(minutes=5))
+    found = selectors.availability_earliest(gpu_model=fleet.model, gpus=32, start=at(2), end=at(4),
+                                            horizon=at(48), same_domain=True)
+    # ib-a is cleaned by 6:30, then in maintenance until 10:05: the first aligned start is 10:15
+    assert found.start == at(10.25) and found.end == at(12.25)
+    assert found.offers[0].domains == ("ib-a",)
+    nothing = selectors.availability_earliest(gpu_model=fleet.model, gpus=64, start=at(2), end=at(4), horizon=at(48))
+    assert nothing.offers == [] and "No window" in nothing.reason["message"]
+
+
+def test_capacity_buckets_count_free_gpus(fleet, tenant, member):
+    from marketplace.core.services import Actor
+
+    Node.objects.filter(name="a3").update(status=Node.Status.OFFLINE)
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=16,
+                                start=at(2), end=at(4))
+    MaintenanceWindow.objects.create(node=fleet.nodes["a0"], starts_at=at(0), ends_at=at(1))
+    timeline = selectors.capacity_timeline(start=at(0), end=at(6), step=timedelta(hours=1), gpu_model=fleet.model)
+    free = [b.free_gpus for b in timeline["H100-SXM-80GB"]]
+    # 5 usable nodes (a3 offline); a0 in maintenance 0-1h; 2 nodes held 2h-4h30 (incl. cleaning gap)
+    assert [b.total_gpus for b in timeline["H100-SXM-80GB"]] == [40] * 6
+    assert free == [32, 40, 24, 24, 24, 40]
+
+
+def test_the_offered_domain_is_the_one_a_booking_takes(fleet, tenant, member):
+    from marketplace.core.services import Actor
+
+    offer = search(fleet, gpus=16).offers[0]
+    reservation = services.reservation_create(actor=Actor.for_user(member), tenant=tenant,
+                                              gpu_model=fleet.model.name, gpus=16, start=at(2), end=at(6)).reservation
+    assert offer.domains == ("ib-a",)
+    assert set(reservation.allocations.values_list("node__topology_domain", flat=True)) == {"ib-a"}

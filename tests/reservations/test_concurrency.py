@@ -1,0 +1,115 @@
+"""Real concurrent connections racing for the same nodes: the database keeps them apart."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import IntegrityError, connection, connections, transaction
+
+from marketplace.core.exceptions import ServiceError
+from marketplace.core.services import Actor
+from marketplace.reservations import services
+from marketplace.reservations.models import Allocation, Reservation
+from tests.factories import MembershipFactory, TenantFactory
+from tests.reservations.conftest import at
+
+pytestmark = [pytest.mark.postgres_only, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen")]
+
+
+def race(count, attempt):
+    """Run attempt(i) in ``count`` threads, each with its own connection, released together."""
+    barrier = threading.Barrier(count)
+    outcomes = [None] * count
+
+    def body(index):
+        try:
+            barrier.wait()
+            outcomes[index] = attempt(index)
+        except Exception as exc:  # noqa: BLE001 - the test inspects what each client got
+            outcomes[index] = exc
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return outcomes
+
+
+def overlapping_pairs() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("""SELECT count(*) FROM reservations_allocation a JOIN reservations_allocation b
+                          ON a.node_id = b.node_id AND a.id < b.id
+                          AND tstzrange(a.starts_at, a.blocked_until) && tstzrange(b.starts_at, b.blocked_until)
+                          WHERE a.state <> 'cancelled' AND b.state <> 'cancelled'""")
+        return cursor.fetchone()[0]
+
+
+def test_racing_bookings_never_overlap_and_are_all_or_nothing(fleet):
+    # given 6 nodes and 8 tenants each wanting 2 nodes for overlapping windows at the same moment
+    tenants = [TenantFactory() for _ in range(8)]
+    users = [MembershipFactory(tenant=t).user for t in tenants]
+
+    def attempt(i):
+        start = at(2) + timedelta(minutes=15 * (i % 3))
+        return services.reservation_create(actor=Actor.for_user(users[i]), tenant=tenants[i],
+                                           gpu_model="H100-SXM-80GB", gpus=16, start=start, end=start + timedelta(hours=4))
+
+    outcomes = race(8, attempt)
+    # then exactly three bookings of 2 nodes succeed, the rest are clear 409s
+    booked = [o for o in outcomes if isinstance(o, services.BookingResult)]
+    refused = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert len(booked) == 3 and len(refused) == 5, outcomes
+    assert all(o.code == "insufficient_capacity" and o.http_status == 409 for o in refused)
+    # and no node is held twice, and every reservation holds exactly its 2 nodes
+    assert overlapping_pairs() == 0
+    for reservation in Reservation.objects.all():
+        assert reservation.allocations.exclude(state="cancelled").count() == 2
+    assert Reservation.objects.count() == 3
+
+
+def test_the_exclusion_constraint_refuses_overlap_even_without_the_service(fleet, tenant, member):
+    reservation = services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                              gpus=8, start=at(2), end=at(4)).reservation
+    node = reservation.allocations.get().node
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Allocation.objects.create(reservation=reservation, node=node, starts_at=at(4.25), ends_at=at(6),
+                                  blocked_until=at(6.5))
+
+
+def test_racing_identical_requests_with_one_key_book_once(fleet, tenant, member):
+    def attempt(i):
+        return services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                           gpus=16, start=at(2), end=at(6), idempotency_key="same-key")
+
+    outcomes = race(6, attempt)
+    assert all(isinstance(o, services.BookingResult) for o in outcomes), outcomes
+    assert len({o.reservation.pk for o in outcomes}) == 1
+    assert sum(o.created for o in outcomes) == 1
+    assert Reservation.objects.count() == 1 and Allocation.objects.count() == 2
+
+
+def test_extend_racing_bookings_of_the_extension_never_overlaps(fleet, tenant, member):
+    # given a reservation on every node until +4h
+    mine = services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                       gpus=48, start=at(2), end=at(4)).reservation
+    others = [TenantFactory() for _ in range(4)]
+    users = [MembershipFactory(tenant=t).user for t in others]
+
+    def attempt(i):
+        if i == 0:
+            return services.reservation_extend(actor=Actor.for_user(member), reservation=mine, end=at(6))
+        return services.reservation_create(actor=Actor.for_user(users[i - 1]), tenant=others[i - 1],
+                                           gpu_model="H100-SXM-80GB", gpus=16, start=at(4.5), end=at(6))
+
+    outcomes = race(5, attempt)
+    # then whichever won, nothing overlaps and every loser got a clear 409
+    assert not [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, ServiceError)], outcomes
+    assert all(o.http_status == 409 for o in outcomes if isinstance(o, ServiceError))
+    assert overlapping_pairs() == 0
+    mine.refresh_from_db()
+    extended = mine.ends_at == at(6)
+    booked = Reservation.objects.exclude(pk=mine.pk).count()
+    assert extended != (booked > 0)

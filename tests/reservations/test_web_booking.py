@@ -1,0 +1,108 @@
+"""Tenant booking pages: search, book, list, detail, cancel/extend/release — errors are messages."""
+
+import pytest
+from django.test import Client
+
+from marketplace.reservations.models import Reservation
+from tests.factories import MembershipFactory
+from tests.reservations.conftest import at
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen", "fleet")]
+
+SEARCH = {"gpu_model": "H100-SXM-80GB", "gpus": 16, "start": "2026-12-01T10:00", "end": "2026-12-01T14:00",
+          "region": "", "same_domain": "on"}
+
+
+@pytest.fixture
+def browser(member):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(member)
+    return client
+
+
+def csrf(client, url="/reservations/search/"):
+    client.get(url)
+    return client.cookies["csrftoken"].value
+
+
+def messages_of(response):
+    return [str(m) for m in response.context["messages"]]
+
+
+def test_search_shows_offers_with_price(browser):
+    page = browser.get("/reservations/search/", SEARCH)
+    assert page.status_code == 200
+    assert b"east-1" in page.content and b"160.00 USD" in page.content
+
+
+def test_book_from_the_page_then_see_it_listed_and_detailed(browser):
+    token = csrf(browser)
+    response = browser.post("/reservations/book/", SEARCH | {"region": "us-east", "csrfmiddlewaretoken": token},
+                            follow=True)
+    reservation = Reservation.objects.get()
+    assert response.status_code == 200 and "Booked 16 GPUs for 160.00 USD." in messages_of(response)
+    names = sorted(reservation.allocations.values_list("node__name", flat=True))
+    assert ", ".join(names).encode() in response.content
+    listing = browser.get("/reservations/")
+    assert str(reservation.pk).encode() in listing.content
+
+
+def test_double_submitted_book_button_books_once(browser):
+    page = browser.get("/reservations/search/", SEARCH)
+    key = page.context["idempotency_key"]
+    token = browser.cookies["csrftoken"].value
+    for _ in range(2):
+        browser.post("/reservations/book/", SEARCH | {"idempotency_key": key, "csrfmiddlewaretoken": token})
+    assert Reservation.objects.count() == 1
+
+
+def test_book_without_csrf_is_refused(browser):
+    assert browser.post("/reservations/book/", SEARCH).status_code == 403
+    assert not Reservation.objects.exists()
+
+
+def test_errors_are_messages_not_500s(browser):
+    token = csrf(browser)
+    response = browser.post("/reservations/book/", SEARCH | {"gpus": 12, "csrfmiddlewaretoken": token}, follow=True)
+    assert response.status_code == 200 and any("multiple of 8" in m for m in messages_of(response))
+    response = browser.post("/reservations/book/", SEARCH | {"gpus": 64, "csrfmiddlewaretoken": token}, follow=True)
+    assert any("you asked for 8" in m for m in messages_of(response))
+    response = browser.get("/reservations/search/", SEARCH | {"start": "2026-12-01T10:05"})
+    assert response.status_code == 200 and any("boundaries" in m for m in messages_of(response))
+    assert not Reservation.objects.exists()
+
+
+def test_cancel_and_extend_from_the_detail_page(browser):
+    token = csrf(browser)
+    browser.post("/reservations/book/", SEARCH | {"csrfmiddlewaretoken": token})
+    reservation = Reservation.objects.get()
+    extended = browser.post(f"/reservations/{reservation.pk}/extend/",
+                            {"end": "2026-12-01T16:00", "csrfmiddlewaretoken": token}, follow=True)
+    assert "Reservation extended." in messages_of(extended)
+    refused = browser.post(f"/reservations/{reservation.pk}/release/", {"csrfmiddlewaretoken": token}, follow=True)
+    assert any("cancel it instead" in m for m in messages_of(refused))
+    browser.post(f"/reservations/{reservation.pk}/cancel/", {"csrfmiddlewaretoken": token})
+    reservation.refresh_from_db()
+    assert reservation.status == "cancelled" and reservation.ends_at == at(8)
+
+
+def test_other_tenants_reservation_pages_are_not_reachable(browser, other_tenant):
+    stranger = MembershipFactory(tenant=other_tenant).user
+    theirs = Client()
+    theirs.force_login(stranger)
+    theirs.post("/reservations/book/", SEARCH)
+    reservation = Reservation.objects.get()
+    assert browser.get(f"/reservations/{reservation.pk}/", follow=True).redirect_chain[-1][0] == "/reservations/"
+    token = csrf(browser)
+    browser.post(f"/reservations/{reservation.pk}/cancel/", {"csrfmiddlewaretoken": token})
+    reservation.refresh_from_db()
+    assert reservation.status == "confirmed"
+
+
+def test_viewers_cannot_book(tenant):
+    viewer = MembershipFactory(tenant=tenant, role="viewer").user
+    client = Client()
+    client.force_login(viewer)
+    response = client.post("/reservations/book/", SEARCH, follow=True)
+    assert any("Viewers cannot" in m for m in messages_of(response))
+    assert not Reservation.objects.exists()
