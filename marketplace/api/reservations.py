@@ -15,6 +15,7 @@ from marketplace.api.scoping import TenantScopedViewSet
 from marketplace.core.exceptions import InvalidInput
 from marketplace.core.services import Actor
 from marketplace.reservations import policies, selectors, services
+from marketplace.reservations.models import Reservation
 from marketplace.reservations.status import ReservationStatus
 
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400}
@@ -216,6 +217,7 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
     """Your tenant's reservations: book, list, cancel, extend, release early."""
 
     serializer_class = ReservationSerializer
+    scoped_model = Reservation
 
     def tenant_queryset(self, tenant):
         if self.action != "list":
