@@ -73,9 +73,17 @@ def search(request):
             messages.error(request, exc.message)
     elif form.is_bound:
         messages.error(request, _form_errors(form))
-    # A fresh key per rendered offer list: a double-submitted Book button books once.
+    # Booking in a region takes its cheapest fit, which is the region's first offer: that offer
+    # gets the Book button.
+    bookable = set()
+    seen_regions = set()
+    for index, offer in enumerate(result.offers if result else []):
+        if offer.region not in seen_regions:
+            seen_regions.add(offer.region)
+            bookable.add(index)
+    # A fresh key per rendered offer list (suffixed per region): a double-submitted Book button books once.
     return render(request, "web/reservations/search.html",
-                  {"form": form, "result": result, "idempotency_key": uuid.uuid4().hex})
+                  {"form": form, "result": result, "bookable": bookable, "idempotency_key": uuid.uuid4().hex})
 
 
 @login_required

@@ -56,6 +56,29 @@ def test_double_submitted_book_button_books_once(browser):
     assert Reservation.objects.count() == 1
 
 
+def test_each_region_offer_can_be_booked_from_the_page(browser, fleet):
+    # given a second, dearer region with its own H100 cluster
+    from decimal import Decimal
+
+    from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
+
+    west = RegionFactory(code="eu-west", name="EU West")
+    GpuPriceFactory(gpu_model=fleet.model, region=west, price_per_gpu_hour=Decimal("3.0000"))
+    west_cluster = ClusterFactory(name="west-1", region=west)
+    for index in range(2):
+        NodeFactory(name=f"w{index}", cluster=west_cluster, gpu_model=fleet.model, topology_domain="ib-w")
+    # when the tenant searches, then both regions' offers carry a Book button with its own key
+    page = browser.get("/reservations/search/", SEARCH)
+    assert page.content.count(b">Book</button>") == 2
+    key = page.context["idempotency_key"]
+    assert f'value="{key}-eu-west"'.encode() in page.content
+    # and booking the dearer region's offer books there
+    token = browser.cookies["csrftoken"].value
+    browser.post("/reservations/book/", SEARCH | {"region": "eu-west", "idempotency_key": f"{key}-eu-west",
+                                                 "csrfmiddlewaretoken": token})
+    assert Reservation.objects.get().cluster == west_cluster
+
+
 def test_book_without_csrf_is_refused(browser):
     assert browser.post("/reservations/book/", SEARCH).status_code == 403
     assert not Reservation.objects.exists()
