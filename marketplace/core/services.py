@@ -1,7 +1,7 @@
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import models
+from django.db import models, transaction
 
 from marketplace.core.models import AuditLog
 
@@ -61,3 +61,34 @@ def snapshot(obj: models.Model, fields: list[str]) -> dict[str, Any]:
             value = value.pk
         result[name] = value if isinstance(value, (int, bool, type(None))) else str(value)
     return result
+
+
+def audited_update(
+    *,
+    actor: Actor,
+    obj: models.Model,
+    changes: dict[str, Any],
+    allowed: set[str],
+    audit_fields: list[str],
+    action: str,
+    tenant: Any = None,
+) -> models.Model:
+    """Change some fields of one row: refuse fields not in ``allowed``, lock the row, validate, save,
+    and write an audit row with before/after when anything really changed."""
+    from marketplace.core.exceptions import InvalidInput
+
+    unknown = sorted(set(changes) - allowed)
+    if unknown:
+        raise InvalidInput(f"Cannot change {', '.join(unknown)} here.",
+                           fields={name: ["cannot be changed"] for name in unknown})
+    with transaction.atomic():
+        obj = type(obj).objects.select_for_update().get(pk=obj.pk)
+        before = snapshot(obj, audit_fields)
+        for key, value in changes.items():
+            setattr(obj, key, value)
+        obj.full_clean()
+        obj.save()
+        after = snapshot(obj, audit_fields)
+        if before != after:
+            audit_record(actor=actor, action=action, obj=obj, tenant=tenant, before=before, after=after)
+    return obj

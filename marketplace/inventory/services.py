@@ -9,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput, NotFound
-from marketplace.core.services import Actor, audit_record, snapshot
+from marketplace.core.services import Actor, audit_record, audited_update, snapshot
 from marketplace.inventory import selectors
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
 
@@ -83,19 +83,8 @@ def cluster_create(*, actor: Actor, name: str, region: Region, connection: str =
 
 
 def cluster_update(*, actor: Actor, cluster: Cluster, **changes: Any) -> Cluster:
-    allowed = {"connection", "kubeconfig_path", "kube_context", "status"}
-    _refuse_unknown(changes, allowed)
-    with transaction.atomic():
-        cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
-        before = snapshot(cluster, CLUSTER_AUDIT_FIELDS)
-        for key, value in changes.items():
-            setattr(cluster, key, value)
-        cluster.full_clean()
-        cluster.save()
-        after = snapshot(cluster, CLUSTER_AUDIT_FIELDS)
-        if before != after:
-            audit_record(actor=actor, action="cluster.update", obj=cluster, before=before, after=after)
-    return cluster
+    return audited_update(actor=actor, obj=cluster, changes=changes, audit_fields=CLUSTER_AUDIT_FIELDS,
+                          allowed={"connection", "kubeconfig_path", "kube_context", "status"}, action="cluster.update")
 
 
 def node_create(*, actor: Actor, cluster: Cluster, name: str, gpu_model: GpuModel, topology_domain: str,
@@ -113,19 +102,8 @@ def node_create(*, actor: Actor, cluster: Cluster, name: str, gpu_model: GpuMode
 
 def node_update(*, actor: Actor, node: Node, **changes: Any) -> Node:
     """Hardware facts of a node. Its status changes through ``node_set_status`` (bookings are checked)."""
-    allowed = {"gpu_count", "cpu_cores", "memory_gb", "topology_domain"}
-    _refuse_unknown(changes, allowed)
-    with transaction.atomic():
-        node = Node.objects.select_for_update().get(pk=node.pk)
-        before = snapshot(node, NODE_AUDIT_FIELDS)
-        for key, value in changes.items():
-            setattr(node, key, value)
-        node.full_clean()
-        node.save()
-        after = snapshot(node, NODE_AUDIT_FIELDS)
-        if before != after:
-            audit_record(actor=actor, action="node.update", obj=node, before=before, after=after)
-    return node
+    return audited_update(actor=actor, obj=node, changes=changes, audit_fields=NODE_AUDIT_FIELDS,
+                          allowed={"gpu_count", "cpu_cores", "memory_gb", "topology_domain"}, action="node.update")
 
 
 def node_set_status(*, actor: Actor, node: Node, status: str, reason: str = "", force: bool = True) -> Node:
@@ -211,10 +189,3 @@ def maintenance_window_cancel(*, actor: Actor, window_id: int, reason: str = "")
             audit_record(actor=actor, action="maintenance_window.cancel", obj=window, before=before,
                          after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
     return window
-
-
-def _refuse_unknown(changes: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(changes) - allowed)
-    if unknown:
-        raise InvalidInput(f"Cannot change {', '.join(unknown)} here.",
-                           fields={name: ["cannot be changed"] for name in unknown})

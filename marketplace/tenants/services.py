@@ -9,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput, NotFound, PermissionDenied
-from marketplace.core.services import Actor, audit_record, snapshot
+from marketplace.core.services import Actor, audit_record, audited_update, snapshot
 from marketplace.tenants.models import ApiToken, Membership, Tenant
 
 TOKEN_PREFIX = "gpm_"
@@ -47,22 +47,10 @@ def tenant_create(
 
 
 def tenant_update(*, actor: Actor, tenant: Tenant, **changes) -> Tenant:
-    allowed = {"name", "billing_status", "gpu_quota", "kubernetes_group", "is_active"}
-    unknown = set(changes) - allowed
-    if unknown:
-        raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}.",
-                           fields={name: ["cannot be changed"] for name in sorted(unknown)})
-    with transaction.atomic():
-        tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
-        before = snapshot(tenant, TENANT_AUDIT_FIELDS)
-        for key, value in changes.items():
-            setattr(tenant, key, value)
-        tenant.full_clean()
-        tenant.save()
-        after = snapshot(tenant, TENANT_AUDIT_FIELDS)
-        if before != after:
-            audit_record(actor=actor, action="tenant.update", obj=tenant, tenant=tenant, before=before, after=after)
-    return tenant
+    return audited_update(
+        actor=actor, obj=tenant, changes=changes, audit_fields=TENANT_AUDIT_FIELDS, action="tenant.update",
+        allowed={"name", "billing_status", "gpu_quota", "kubernetes_group", "is_active"}, tenant=tenant,
+    )
 
 
 def membership_add(*, actor: Actor, tenant: Tenant, user: AbstractBaseUser, role: str) -> Membership:
