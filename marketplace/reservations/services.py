@@ -288,7 +288,10 @@ def tenant_owner_or_error(tenant: Tenant):
 # --- changes to a booking -----------------------------------------------------------------------
 
 def _locked(reservation: Reservation) -> Reservation:
-    return Reservation.objects.select_for_update().select_related("gpu_model").get(pk=reservation.pk)
+    # Only the reservation row: FOR UPDATE on the joined GPU model row would block every booking of
+    # that model at its commit (the foreign-key check takes FOR KEY SHARE on it) and can deadlock
+    # with a booking that holds a node this change is waiting for.
+    return Reservation.objects.select_for_update(of=("self",)).select_related("gpu_model").get(pk=reservation.pk)
 
 
 def reservation_cancel(*, actor: Actor, reservation: Reservation, reason: str = "") -> Reservation:
