@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db.models import Model
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput
-from marketplace.core.services import Actor, audit_record
-from marketplace.inventory.models import GpuModel, Node, Region
+from marketplace.core.models import AuditLog
+from marketplace.core.services import Actor, audit_entry, audit_record
+from marketplace.inventory.models import Cluster, GpuModel, Node, Region
 from marketplace.reservations import money, policies, selectors
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.status import HOLDING, ReservationStatus, can_transition
@@ -37,6 +40,19 @@ class IdempotencyKeyReused(Conflict):
     code = "idempotency_key_reused"
 
 
+def _transition_entry(*, reservation: Reservation, current: str, to: str, actor: Actor, reason: str) -> AuditLog:
+    """The transition table's verdict on ``current`` → ``to``, and the audit row that records it."""
+    if not can_transition(current, to):
+        raise IllegalTransition(
+            f"A {current} reservation cannot become {to}.",
+            fields={"status": [f"{current} → {to} is not allowed"]},
+        )
+    return audit_entry(
+        actor=actor, action=f"reservation.{to}", obj=reservation, tenant_id=reservation.tenant_id,
+        before={"status": current}, after={"status": to, "reason": reason},
+    )
+
+
 def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, reason: str = "") -> Reservation:
     """Move a reservation to ``to`` if the transition table allows it, and write the audit row.
 
@@ -46,19 +62,12 @@ def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, r
     with transaction.atomic():
         locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
         current = locked.status
-        if not can_transition(current, to):
-            raise IllegalTransition(
-                f"A {current} reservation cannot become {to}.",
-                fields={"status": [f"{current} → {to} is not allowed"]},
-            )
+        entry = _transition_entry(reservation=locked, current=current, to=to, actor=actor, reason=reason)
         now = timezone.now()
         Reservation.objects.filter(pk=locked.pk).update(
             status=to, status_reason=reason, status_changed_at=now, updated_at=now
         )
-        audit_record(
-            actor=actor, action=f"reservation.{to}", obj=locked, tenant_id=locked.tenant_id,
-            before={"status": current}, after={"status": to, "reason": reason},
-        )
+        entry.save(force_insert=True)
     reservation.status, reservation.status_reason, reservation.status_changed_at = to, reason, now
     return reservation
 
@@ -176,6 +185,18 @@ def _is_idempotency_race(exc: IntegrityError) -> bool:
     return name == "reservation_tenant_idempotency_key_unique" or "idempotency_key" in str(exc)
 
 
+CONFIRMED_REASON = "nodes allocated"
+
+
+def _create_audit_after(*, model: GpuModel, gpus: int, offer: selectors.Offer, node_ids: list[int], start: datetime,
+                        end: datetime, enforce: bool) -> dict:
+    return {
+        "gpu_model": model.name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
+        "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
+        "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
+    }
+
+
 def reservation_create(
     *, actor: Actor, tenant: Tenant, gpu_model: str, gpus: int, end: datetime, start: datetime | None = None,
     region: str | None = None, same_domain: bool = False, idempotency_key: str = "", enforce_policies: bool = True,
@@ -232,6 +253,15 @@ def reservation_create(
 def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int, nodes: int,
                start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
                enforce: bool) -> BookingResult:
+    """One booking attempt, inside the caller's transaction: PostgreSQL's in three statements, else portable."""
+    book = _book_once_postgresql if connection.vendor == "postgresql" else _book_once_portable
+    return book(actor=actor, tenant=tenant, model=model, region=region, gpus=gpus, nodes=nodes, start=start, end=end,
+                same_domain=same_domain, idempotency_key=idempotency_key, fingerprint=fingerprint, enforce=enforce)
+
+
+def _book_once_portable(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
+                        nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
+                        fingerprint: str, enforce: bool) -> BookingResult:
     # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
     tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
@@ -267,12 +297,164 @@ def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region 
         ReservationEvent(reservation=reservation, kind=kind, due_at=due_at)
         for kind, due_at in reservation_event_due_times(reservation).items()
     ])
-    audit_record(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk, after={
-        "gpu_model": model.name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
-        "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
-        "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
-    })
-    reservation_transition(reservation=reservation, to=S.CONFIRMED, actor=actor, reason="nodes allocated")
+    audit_record(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
+                 after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
+                                           end=end, enforce=enforce))
+    reservation_transition(reservation=reservation, to=S.CONFIRMED, actor=actor, reason=CONFIRMED_REASON)
+    return BookingResult(reservation=reservation, created=True)
+
+
+# --- booking on PostgreSQL in three statements -----------------------------------------------------
+#
+# The same booking as the portable path above, with the round trips folded: (1) lock the tenant row
+# and read the priced clusters, (2) per cluster, cheapest first, pick and lock the nodes of the first
+# topology domain that has enough free ones, (3) insert the reservation, its allocations, due events
+# and audit rows in one statement that also reads the tenant's held GPUs for the quota check. A quota
+# refusal after (3) rolls the whole transaction back, so nothing is half-written. The exclusion
+# constraint still decides races: a violation in (3) rolls back and reservation_create retries.
+
+_TENANT_AND_PRICES_SQL = """
+SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, c.id, c.name, r.code, p.price_per_gpu_hour, p.currency
+FROM (SELECT id, slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s FOR UPDATE) t
+LEFT JOIN (inventory_cluster c
+           JOIN inventory_region r ON r.id = c.region_id
+           JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = %(model)s)
+  ON c.status = %(active)s AND (%(region)s::bigint IS NULL OR c.region_id = %(region)s::bigint)
+"""
+
+# Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits): within a
+# domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
+# window take disjoint nodes. The busy test is selectors.free_nodes' (allocations blocked in
+# [start, end + cleaning gap), non-cancelled maintenance windows), written for one node at a time.
+_PICK_NODES_SQL = """
+SELECT d.topology_domain, picked.ids
+FROM (SELECT DISTINCT topology_domain FROM inventory_node
+      WHERE gpu_model_id = %(model)s AND status = %(available)s AND cluster_id = %(cluster)s
+      ORDER BY topology_domain) d
+CROSS JOIN LATERAL (
+  SELECT array_agg(s.id) AS ids FROM (
+    SELECT n.id FROM inventory_node n
+    WHERE n.gpu_model_id = %(model)s AND n.status = %(available)s AND n.cluster_id = %(cluster)s
+      AND n.topology_domain = d.topology_domain AND n.health <> %(unhealthy)s
+      AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
+                      WHERE a.node_id = n.id AND a.state <> %(cancelled)s
+                        AND a.starts_at < %(padded_end)s AND a.blocked_until > %(start)s)
+      AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
+                      WHERE m.node_id = n.id AND m.cancelled_at IS NULL
+                        AND m.starts_at < %(padded_end)s AND m.ends_at > %(start)s)
+    ORDER BY random()
+    LIMIT %(nodes)s
+    FOR NO KEY UPDATE OF n SKIP LOCKED
+  ) s
+) picked
+WHERE cardinality(picked.ids) = %(nodes)s
+ORDER BY d.topology_domain
+LIMIT 1
+"""
+
+_HELD_SQL = ("SELECT starts_at, ends_at, gpus FROM reservations_reservation WHERE tenant_id = %s AND status IN ("
+             + ", ".join(["%s"] * len(HOLDING)) + ") AND starts_at < %s AND ends_at > %s")
+
+
+def _insert_sql(model: type[Model], objs: list[Model]) -> tuple[str, list]:
+    """The INSERT Django's bulk_create would send for ``objs`` (fields, defaults, adaptation), as SQL."""
+    opts = model._meta
+    fields = [f for f in opts.concrete_fields
+              if not f.generated and not (f is opts.pk and getattr(objs[0], f.attname) is None)]
+    query = InsertQuery(model)
+    query.insert_values(fields, objs)
+    [(sql, params)] = query.get_compiler(connection=connection).as_sql()
+    return sql, list(params)
+
+
+def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
+                          nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
+                          fingerprint: str, enforce: bool) -> BookingResult:
+    with connection.cursor() as cursor:
+        # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
+        cursor.execute(_TENANT_AND_PRICES_SQL, {"tenant": tenant.pk, "model": model.pk, "active": Cluster.Status.ACTIVE,
+                                                "region": region.pk if region is not None else None})
+        rows = cursor.fetchall()
+    if not rows:
+        raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
+    slug, billing_status, quota, is_active = rows[0][:4]
+    locked = Tenant(pk=tenant.pk, slug=slug, billing_status=billing_status, gpu_quota=quota, is_active=is_active)
+    if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
+        return replay
+    policies.check_tenant_standing(tenant=locked, enforce=enforce)
+
+    def check_quota() -> None:
+        # Before any capacity refusal, as the portable path does: a tenant over quota hears that first.
+        policies.check_quota(tenant=locked, held=_held_gpus(tenant=tenant, start=start, end=end), start=start,
+                             end=end, gpus=gpus, enforce=enforce)
+
+    # Cheapest first, then by name: the order of selectors.priced_clusters.
+    priced = sorted((row[4:] for row in rows if row[4] is not None), key=lambda row: (row[3], row[1]))
+    plan = None
+    padded_end = end + selectors.cleaning_gap()
+    for cluster_id, cluster_name, region_code, price, currency in priced:
+        with connection.cursor() as cursor:
+            cursor.execute(_PICK_NODES_SQL, {
+                "model": model.pk, "cluster": cluster_id, "available": Node.Status.AVAILABLE,
+                "unhealthy": Node.Health.UNHEALTHY, "cancelled": Allocation.State.CANCELLED, "start": start,
+                "padded_end": padded_end, "nodes": nodes})
+            row = cursor.fetchone()
+        if row is None:
+            continue
+        offer = selectors.Offer(
+            region=region_code, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
+            same_domain=True, domains=(row[0],), unit_price=price, currency=currency, start=start, end=end,
+            total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
+        )
+        plan = offer, list(row[1])
+        break
+    if plan is None:
+        # No single domain fits: the full search says why, or offers nodes across domains.
+        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
+                                              same_domain=same_domain)
+        if not found.offers:
+            check_quota()
+            raise InsufficientCapacity(found.reason["message"])
+        plan = found.offers[0], _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)
+    offer, node_ids = plan
+    if len(node_ids) < offer.nodes:
+        check_quota()
+        raise _NodesTaken()  # concurrent bookings hold them right now: search again
+    # Sorted: concurrent bookings insert allocations in one global order.
+    node_ids = sorted(node_ids)
+    # Created pending and confirmed in this same transaction, so no one ever sees it pending: the row
+    # is written confirmed, with both audit rows, and the transition table has its say as always.
+    reservation = Reservation(
+        tenant=tenant, created_by=actor.user if actor.user is not None else tenant_owner_or_error(tenant),
+        gpu_model=model, cluster_id=offer.cluster_id, gpus=gpus, same_domain=same_domain,
+        starts_at=start, ends_at=end, status=S.CONFIRMED, status_reason=CONFIRMED_REASON, currency=offer.currency,
+        unit_price=offer.unit_price, total_price=offer.total_price, idempotency_key=idempotency_key,
+        request_fingerprint=fingerprint,
+    )
+    blocked_until = end + selectors.cleaning_gap()
+    allocations = [Allocation(reservation=reservation, node_id=node_id, starts_at=start, ends_at=end,
+                              blocked_until=blocked_until) for node_id in node_ids]
+    events = [ReservationEvent(reservation=reservation, kind=kind, due_at=due_at)
+              for kind, due_at in reservation_event_due_times(reservation).items()]
+    audit = [
+        audit_entry(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
+                    after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
+                                              end=end, enforce=enforce)),
+        _transition_entry(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
+                          reason=CONFIRMED_REASON),
+    ]
+    inserts = [_insert_sql(Reservation, [reservation]), _insert_sql(Allocation, allocations),
+               _insert_sql(ReservationEvent, events), _insert_sql(AuditLog, audit)]
+    sql = "WITH " + ", ".join(f"insert_{i} AS ({part})" for i, (part, _) in enumerate(inserts)) + " " + _HELD_SQL
+    params = [p for _, part_params in inserts for p in part_params]
+    # The held reservations are read after the tenant lock (a new snapshot), without this one.
+    params += [tenant.pk, *sorted(HOLDING), end, start]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        held = cursor.fetchall()
+    policies.check_quota(tenant=locked, held=held, start=start, end=end, gpus=gpus, enforce=enforce)
+    reservation._state.adding = False
+    reservation._state.db = connection.alias
     return BookingResult(reservation=reservation, created=True)
 
 
