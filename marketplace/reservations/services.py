@@ -2,13 +2,13 @@
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
-from django.db.models import Model
-from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput
@@ -352,19 +352,62 @@ ORDER BY d.topology_domain
 LIMIT 1
 """
 
-_HELD_SQL = ("SELECT starts_at, ends_at, gpus FROM reservations_reservation WHERE tenant_id = %s AND status IN ("
-             + ", ".join(["%s"] * len(HOLDING)) + ") AND starts_at < %s AND ends_at > %s")
+HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
+
+# Everything a booking writes, in one statement; the main SELECT reads the tenant's held GPUs for the
+# quota check (it runs after the tenant lock, so it sees every committed booking of the tenant, and
+# it does not see this one). Audit rows keep their order (create, then the transition).
+_INSERT_BOOKING_SQL = f"""
+WITH reservation AS (
+  INSERT INTO reservations_reservation (id, tenant_id, created_by_id, gpu_model_id, cluster_id, gpus, same_domain,
+      starts_at, ends_at, status, status_reason, status_changed_at, currency, unit_price, total_price,
+      idempotency_key, request_fingerprint, readiness, ready_at, end_notice_at, released_at, created_at, updated_at)
+  VALUES (%(id)s, %(tenant)s, %(created_by)s, %(model)s, %(cluster)s, %(gpus)s, %(same_domain)s, %(start)s, %(end)s,
+      %(status)s, %(status_reason)s, %(now)s, %(currency)s, %(unit_price)s, %(total_price)s, %(idempotency_key)s,
+      %(fingerprint)s, NULL, NULL, NULL, NULL, %(now)s, %(now)s)
+), allocation AS (
+  INSERT INTO reservations_allocation (reservation_id, node_id, starts_at, ends_at, blocked_until, state, created_at)
+  SELECT %(id)s, node_id, %(start)s, %(end)s, %(blocked_until)s, %(allocation_state)s, %(now)s
+  FROM unnest(%(nodes)s::bigint[]) AS node_id
+), event AS (
+  INSERT INTO reservations_reservationevent (reservation_id, kind, due_at, status, attempts, claimed_at, claimed_by,
+      done_at, last_error)
+  SELECT %(id)s, kind, due_at, %(event_status)s, 0, NULL, '', NULL, ''
+  FROM unnest(%(event_kinds)s::text[], %(event_due)s::timestamptz[]) AS e(kind, due_at)
+), audit AS (
+  INSERT INTO core_auditlog (at, actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message)
+  SELECT %(now)s, actor_user_id, actor, tenant_id, action, object_type, object_id, before::jsonb, after::jsonb, message
+  FROM unnest(%(audit_actor_user)s::bigint[], %(audit_actor)s::text[], %(audit_tenant)s::bigint[],
+              %(audit_action)s::text[], %(audit_object_type)s::text[], %(audit_object_id)s::text[],
+              %(audit_before)s::text[], %(audit_after)s::text[], %(audit_message)s::text[])
+       WITH ORDINALITY AS a(actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message, n)
+  ORDER BY n
+)
+SELECT starts_at, ends_at, gpus FROM reservations_reservation
+WHERE tenant_id = %(tenant)s AND status IN ({HOLDING_SQL}) AND starts_at < %(end)s AND ends_at > %(start)s
+"""
 
 
-def _insert_sql(model: type[Model], objs: list[Model]) -> tuple[str, list]:
-    """The INSERT Django's bulk_create would send for ``objs`` (fields, defaults, adaptation), as SQL."""
-    opts = model._meta
-    fields = [f for f in opts.concrete_fields
-              if not f.generated and not (f is opts.pk and getattr(objs[0], f.attname) is None)]
-    query = InsertQuery(model)
-    query.insert_values(fields, objs)
-    [(sql, params)] = query.get_compiler(connection=connection).as_sql()
-    return sql, list(params)
+@contextmanager
+def _server_binding_cursor() -> Iterator:
+    """A Django cursor (logged, errors wrapped) whose parameters travel apart from the SQL text.
+
+    Django's default psycopg cursor quotes every parameter into the SQL in Python; for the booking's
+    few large statements, sending them separately saves that work on the client.
+    """
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor = connection._prepare_cursor(ServerBindingCursor(connection.connection))
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+def _json(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
@@ -422,6 +465,7 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         raise _NodesTaken()  # concurrent bookings hold them right now: search again
     # Sorted: concurrent bookings insert allocations in one global order.
     node_ids = sorted(node_ids)
+    now = timezone.now()
     # Created pending and confirmed in this same transaction, so no one ever sees it pending: the row
     # is written confirmed, with both audit rows, and the transition table has its say as always.
     reservation = Reservation(
@@ -429,13 +473,10 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         gpu_model=model, cluster_id=offer.cluster_id, gpus=gpus, same_domain=same_domain,
         starts_at=start, ends_at=end, status=S.CONFIRMED, status_reason=CONFIRMED_REASON, currency=offer.currency,
         unit_price=offer.unit_price, total_price=offer.total_price, idempotency_key=idempotency_key,
-        request_fingerprint=fingerprint,
+        request_fingerprint=fingerprint, status_changed_at=now, created_at=now, updated_at=now,
     )
     blocked_until = end + selectors.cleaning_gap()
-    allocations = [Allocation(reservation=reservation, node_id=node_id, starts_at=start, ends_at=end,
-                              blocked_until=blocked_until) for node_id in node_ids]
-    events = [ReservationEvent(reservation=reservation, kind=kind, due_at=due_at)
-              for kind, due_at in reservation_event_due_times(reservation).items()]
+    due = reservation_event_due_times(reservation)
     audit = [
         audit_entry(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
                     after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
@@ -443,14 +484,23 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         _transition_entry(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
                           reason=CONFIRMED_REASON),
     ]
-    inserts = [_insert_sql(Reservation, [reservation]), _insert_sql(Allocation, allocations),
-               _insert_sql(ReservationEvent, events), _insert_sql(AuditLog, audit)]
-    sql = "WITH " + ", ".join(f"insert_{i} AS ({part})" for i, (part, _) in enumerate(inserts)) + " " + _HELD_SQL
-    params = [p for _, part_params in inserts for p in part_params]
-    # The held reservations are read after the tenant lock (a new snapshot), without this one.
-    params += [tenant.pk, *sorted(HOLDING), end, start]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    with _server_binding_cursor() as cursor:
+        cursor.execute(_INSERT_BOOKING_SQL, {
+            "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model.pk,
+            "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
+            "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
+            "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
+            "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": blocked_until,
+            "allocation_state": Allocation.State.ACTIVE.value, "nodes": node_ids,
+            "event_status": ReservationEvent.Status.PENDING.value,
+            "event_kinds": [str(kind) for kind in due], "event_due": list(due.values()),
+            "audit_actor_user": [row.actor_user_id for row in audit], "audit_actor": [row.actor for row in audit],
+            "audit_tenant": [row.tenant_id for row in audit], "audit_action": [row.action for row in audit],
+            "audit_object_type": [row.object_type for row in audit],
+            "audit_object_id": [row.object_id for row in audit],
+            "audit_before": [_json(row.before) for row in audit], "audit_after": [_json(row.after) for row in audit],
+            "audit_message": [row.message for row in audit],
+        })
         held = cursor.fetchall()
     policies.check_quota(tenant=locked, held=held, start=start, end=end, gpus=gpus, enforce=enforce)
     reservation._state.adding = False

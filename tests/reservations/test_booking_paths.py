@@ -8,7 +8,7 @@ from django.test.utils import CaptureQueriesContext
 
 from marketplace.core.models import AuditLog
 from marketplace.reservations import services
-from marketplace.reservations.models import Allocation, Reservation
+from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.services import InsufficientCapacity
 from tests.reservations.conftest import at
@@ -114,3 +114,15 @@ def test_no_domain_fits_and_spanning_refused_is_insufficient_capacity(fleet, ten
     # a window after the cleaning gap gets ib-a again
     later = book(tenant, actor, gpus=32, start=at(6) + timedelta(minutes=30), end=at(8)).reservation
     assert {a.node.topology_domain for a in later.allocations.all()} == {"ib-a"}
+
+
+@pytest.mark.parametrize("model", [Reservation, Allocation, ReservationEvent, AuditLog])
+def test_the_postgresql_insert_names_every_column(model):
+    # a column added to one of these models must be written by the one-statement booking too
+    statement = services._INSERT_BOOKING_SQL
+    table = model._meta.db_table
+    columns_part = statement[statement.index(f"INSERT INTO {table} (") + len(f"INSERT INTO {table} ("):]
+    named = {name.strip() for name in columns_part[:columns_part.index(")")].split(",")}
+    expected = {field.column for field in model._meta.concrete_fields if not (field.primary_key and field.column == "id"
+                                                                                and model is not Reservation)}
+    assert named == expected
