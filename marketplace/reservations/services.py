@@ -304,37 +304,29 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model: GpuModel, region
     return BookingResult(reservation=reservation, created=True)
 
 
-# --- booking on PostgreSQL in three statements -----------------------------------------------------
+# --- booking on PostgreSQL in two statements -------------------------------------------------------
 #
-# The same booking as the portable path above, with the round trips folded: (1) lock the tenant row
-# and read the priced clusters, (2) per cluster, cheapest first, pick and lock the nodes of the first
-# topology domain that has enough free ones, (3) insert the reservation, its allocations, due events
-# and audit rows in one statement that also reads the tenant's held GPUs for the quota check. A quota
-# refusal after (3) rolls the whole transaction back, so nothing is half-written. The exclusion
+# The same booking as the portable path above, with the round trips folded: (1) lock the tenant row,
+# read the priced clusters and, in the cheapest one, pick and lock the nodes of the first topology
+# domain that has enough free ones (further clusters, if it has none, one statement each), (2) insert
+# the reservation, its allocations, due events and audit rows in one statement that also reads the
+# tenant's held GPUs for the quota check. A quota refusal after (2) rolls the whole transaction back,
+# so nothing is half-written. The exclusion
 # constraint still decides races: a violation in (3) rolls back and reservation_create retries.
-
-_TENANT_AND_PRICES_SQL = """
-SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, c.id, c.name, r.code, p.price_per_gpu_hour, p.currency
-FROM (SELECT id, slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s FOR UPDATE) t
-LEFT JOIN (inventory_cluster c
-           JOIN inventory_region r ON r.id = c.region_id
-           JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = %(model)s)
-  ON c.status = %(active)s AND (%(region)s::bigint IS NULL OR c.region_id = %(region)s::bigint)
-"""
 
 # Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits): within a
 # domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
 # window take disjoint nodes. The busy test is selectors.free_nodes' (allocations blocked in
 # [start, end + cleaning gap), non-cancelled maintenance windows), written for one node at a time.
-_PICK_NODES_SQL = """
+_PICK_NODES_TEMPLATE = """
 SELECT d.topology_domain, picked.ids
 FROM (SELECT DISTINCT topology_domain FROM inventory_node
-      WHERE gpu_model_id = %(model)s AND status = %(available)s AND cluster_id = %(cluster)s
+      WHERE gpu_model_id = %(model)s AND status = %(available)s AND cluster_id = {cluster}
       ORDER BY topology_domain) d
 CROSS JOIN LATERAL (
   SELECT array_agg(s.id) AS ids FROM (
     SELECT n.id FROM inventory_node n
-    WHERE n.gpu_model_id = %(model)s AND n.status = %(available)s AND n.cluster_id = %(cluster)s
+    WHERE n.gpu_model_id = %(model)s AND n.status = %(available)s AND n.cluster_id = {cluster}
       AND n.topology_domain = d.topology_domain AND n.health <> %(unhealthy)s
       AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
                       WHERE a.node_id = n.id AND a.state <> %(cancelled)s
@@ -350,6 +342,30 @@ CROSS JOIN LATERAL (
 WHERE cardinality(picked.ids) = %(nodes)s
 ORDER BY d.topology_domain
 LIMIT 1
+"""
+
+_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace("{cluster}", "%(cluster)s")
+
+# The tenant row locked, every priced cluster ranked cheapest first then by name (COLLATE "C": the
+# code-point order of selectors.priced_clusters), and the pick in the first of them; one row per
+# cluster (one row with NULL cluster columns if none), the pick on the first row.
+_TENANT_PRICES_AND_PICK_SQL = """
+WITH tenant AS (
+  SELECT slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s FOR UPDATE
+), priced AS MATERIALIZED (
+  SELECT c.id, c.name, r.code, p.price_per_gpu_hour, p.currency,
+         row_number() OVER (ORDER BY p.price_per_gpu_hour, c.name COLLATE "C") AS rank
+  FROM inventory_cluster c
+  JOIN inventory_region r ON r.id = c.region_id
+  JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = %(model)s
+  WHERE c.status = %(active)s AND (%(region)s::bigint IS NULL OR c.region_id = %(region)s::bigint)
+), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.replace("{cluster}", "(SELECT id FROM priced WHERE rank = 1)") + """)
+SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, c.id, c.name, c.code, c.price_per_gpu_hour, c.currency,
+       pick.topology_domain, pick.ids
+FROM tenant t
+LEFT JOIN priced c ON true
+LEFT JOIN pick ON c.rank = 1
+ORDER BY c.rank
 """
 
 HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
@@ -413,10 +429,15 @@ def _json(value: dict | None) -> str | None:
 def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
                           nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
                           fingerprint: str, enforce: bool) -> BookingResult:
+    padded_end = end + selectors.cleaning_gap()
+    pick_params = {"model": model.pk, "available": Node.Status.AVAILABLE.value, "unhealthy": Node.Health.UNHEALTHY.value,
+                   "cancelled": Allocation.State.CANCELLED.value, "start": start, "padded_end": padded_end,
+                   "nodes": nodes}
     with connection.cursor() as cursor:
         # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
-        cursor.execute(_TENANT_AND_PRICES_SQL, {"tenant": tenant.pk, "model": model.pk, "active": Cluster.Status.ACTIVE,
-                                                "region": region.pk if region is not None else None})
+        cursor.execute(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
+            "tenant": tenant.pk, "active": Cluster.Status.ACTIVE.value,
+            "region": region.pk if region is not None else None})
         rows = cursor.fetchall()
     if not rows:
         raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
@@ -431,25 +452,21 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         policies.check_quota(tenant=locked, held=_held_gpus(tenant=tenant, start=start, end=end), start=start,
                              end=end, gpus=gpus, enforce=enforce)
 
-    # Cheapest first, then by name: the order of selectors.priced_clusters.
-    priced = sorted((row[4:] for row in rows if row[4] is not None), key=lambda row: (row[3], row[1]))
     plan = None
-    padded_end = end + selectors.cleaning_gap()
-    for cluster_id, cluster_name, region_code, price, currency in priced:
-        with connection.cursor() as cursor:
-            cursor.execute(_PICK_NODES_SQL, {
-                "model": model.pk, "cluster": cluster_id, "available": Node.Status.AVAILABLE,
-                "unhealthy": Node.Health.UNHEALTHY, "cancelled": Allocation.State.CANCELLED, "start": start,
-                "padded_end": padded_end, "nodes": nodes})
-            row = cursor.fetchone()
-        if row is None:
+    for index, (cluster_id, cluster_name, region_code, price, currency, domain, node_ids) in enumerate(
+            row[4:] for row in rows if row[4] is not None):
+        if index > 0:
+            with connection.cursor() as cursor:
+                cursor.execute(_PICK_NODES_SQL, pick_params | {"cluster": cluster_id})
+                domain, node_ids = cursor.fetchone() or (None, None)
+        if domain is None:
             continue
         offer = selectors.Offer(
             region=region_code, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
-            same_domain=True, domains=(row[0],), unit_price=price, currency=currency, start=start, end=end,
+            same_domain=True, domains=(domain,), unit_price=price, currency=currency, start=start, end=end,
             total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
         )
-        plan = offer, list(row[1])
+        plan = offer, list(node_ids)
         break
     if plan is None:
         # No single domain fits: the full search says why, or offers nodes across domains.

@@ -1,16 +1,18 @@
 """PostgreSQL books in a few statements; the portable path (SQLite's) must come to the same result."""
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from marketplace.core.models import AuditLog
-from marketplace.reservations import services
+from marketplace.reservations import selectors, services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.services import InsufficientCapacity
+from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
 from tests.reservations.conftest import at
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen")]
@@ -74,8 +76,26 @@ def test_a_booking_on_postgresql_takes_a_fixed_handful_of_statements(fleet, tena
         book(tenant, actor, gpus=8, start=at(10), end=at(12))
     with CaptureQueriesContext(connection) as two_nodes:
         book(tenant, actor, gpus=16, start=at(20), end=at(24))
-    # model lookup, tenant lock with prices, node pick, one insert of everything, and the transaction
-    assert len(one_node) == len(two_nodes) <= 6, [q["sql"][:80] for q in two_nodes]
+    # model lookup, tenant lock with prices and the node pick, one insert of everything, and the transaction
+    assert len(one_node) == len(two_nodes) <= 5, [q["sql"][:80] for q in two_nodes]
+
+
+def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, tenant, actor):
+    # given two more clusters at the same, lower price, whose names sort differently by code point
+    # ("B-…" before "b-…") than by a linguistic collation
+    region = RegionFactory(code="eu-west")
+    GpuPriceFactory(gpu_model=fleet.model, region=region, price_per_gpu_hour=Decimal("2.0000"), currency="EUR")
+    lower, upper = ClusterFactory(name="b-x", region=region), ClusterFactory(name="B-y", region=region)
+    for cluster in (lower, upper):
+        NodeFactory(name=f"{cluster.name}-0", cluster=cluster, gpu_model=fleet.model, topology_domain="ib-z")
+    expected = [cluster.name for cluster, _ in selectors.priced_clusters(gpu_model=fleet.model)]
+    assert expected[:2] == ["B-y", "b-x"]
+    # when three one-node bookings of one window are made
+    placed = [book(tenant, actor, gpus=8).reservation for _ in range(3)]
+    # then they go to the cheap clusters in that order, at their price, and then to the next cluster
+    assert [r.cluster.name for r in placed] == ["B-y", "b-x", "east-1"]
+    assert [(r.unit_price, r.currency) for r in placed] == [(Decimal("2.0000"), "EUR")] * 2 + [
+        (Decimal("2.5000"), "USD")]
 
 
 def test_quota_is_refused_before_capacity(fleet, tenant, actor):
