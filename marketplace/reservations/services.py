@@ -311,8 +311,8 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model: GpuModel, region
 # domain that has enough free ones (further clusters, if it has none, one statement each), (2) insert
 # the reservation, its allocations, due events and audit rows in one statement that also reads the
 # tenant's held GPUs for the quota check. A quota refusal after (2) rolls the whole transaction back,
-# so nothing is half-written. The exclusion
-# constraint still decides races: a violation in (3) rolls back and reservation_create retries.
+# so nothing is half-written. The exclusion constraint still decides races: a violation in (2) rolls
+# back and reservation_create retries.
 
 # Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits): within a
 # domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
