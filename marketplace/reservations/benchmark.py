@@ -6,12 +6,15 @@ reservations — loaded in bulk (COPY on PostgreSQL, multi-row INSERT elsewhere)
 
 - availability search as the API runs it (parameter lookups, policy checks, free-node query,
   offers) against the same free-node query written by hand in SQL (the floor);
-- bookings per second with 1, 4 and 16 clients, each a thread with its own database connection
-  calling ``reservation_create`` (the API's service) on overlapping windows;
-- single-row INSERT transactions per second on the same database (the floor of a write);
+- bookings per second with 1, 4 and 16 clients, each with its own database connection calling
+  ``reservation_create`` (the API's service) on overlapping windows: once as threads of this one
+  process (top-level ``bookings``) and once as forked processes (``processes.bookings``);
+- single-row INSERT transactions per second on the same database (the floor of a write), with
+  the same client model and number of connections as the bookings it is compared with;
 - double and partial bookings found afterwards by SQL (must be 0).
 """
 
+import multiprocessing
 import random
 import threading
 import time
@@ -20,6 +23,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db import connection, connections, transaction
+from django.test.utils import override_settings
 from django.utils import timezone
 
 from marketplace.core.exceptions import ServiceError
@@ -44,9 +48,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bookings", type=int, default=240, help="bookings per concurrency level")
     parser.add_argument("--floor-seconds", type=float, default=3.0, help="how long to run the INSERT floor")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--clients", choices=("both", *CLIENT_MODELS), default="both",
+                        help="run the concurrent clients as threads of one process, as processes, or both")
 
 
 def run(options, stdout) -> dict:
+    # Measured as production runs: with DEBUG on (DJANGO_ENV=development), Django would also render
+    # and keep every statement with its parameters in a query log, which no deployment pays for.
+    with override_settings(DEBUG=False):
+        return _run(options, stdout)
+
+
+def _run(options, stdout) -> dict:
     rng = random.Random(options["seed"])
     started = time.monotonic()
     fleet = _ensure_fleet(nodes=options["nodes"], reservations=options["reservations"], rng=rng, stdout=stdout)
@@ -59,17 +72,27 @@ def run(options, stdout) -> dict:
     stdout.write(f"fleet ready in {load_seconds:.1f}s: {fleet}\n")
     figures["search"] = _measure_search(count=options["searches"], rng=rng)
     stdout.write(f"search: {figures['search']}\n")
-    figures["insert_floor_tx_per_s"] = {str(c): _insert_floor(clients=c, seconds=options["floor_seconds"])
-                                        for c in (1, 16)}
-    stdout.write(f"insert floor: {figures['insert_floor_tx_per_s']}\n")
-    figures["bookings"] = {}
-    for level, clients in enumerate((1, 4, 16)):
-        figures["bookings"][str(clients)] = _measure_bookings(
-            clients=clients, total=options["bookings"], level=level, seed=options["seed"])
-        stdout.write(f"bookings with {clients} clients: {figures['bookings'][str(clients)]}\n")
+    # Two client models, each measured against its own INSERT floor: "threads" (top-level
+    # insert_floor_tx_per_s and bookings) are threads of this one process; "processes" are forked
+    # processes, one per client. Each booking level books its own week, so the runs do not interfere.
+    models = CLIENT_MODELS if options["clients"] == "both" else (options["clients"],)
+    for offset, model in enumerate(CLIENT_MODELS):
+        if model not in models:
+            continue
+        section = figures if model == "threads" else figures.setdefault("processes", {})
+        section["insert_floor_tx_per_s"] = {
+            str(c): _insert_floor(clients=c, seconds=options["floor_seconds"], model=model) for c in (1, 16)}
+        stdout.write(f"insert floor ({model}): {section['insert_floor_tx_per_s']}\n")
+        section["bookings"] = {}
+        for level, clients in enumerate((1, 4, 16)):
+            section["bookings"][str(clients)] = _measure_bookings(
+                clients=clients, total=options["bookings"], level=3 * offset + level, seed=options["seed"],
+                model=model)
+            stdout.write(f"bookings with {clients} clients ({model}): {section['bookings'][str(clients)]}\n")
     figures["double_bookings"] = _double_bookings()
     figures["partial_bookings"] = _partial_bookings()
-    figures["server_errors"] = sum(level["server_errors"] for level in figures["bookings"].values())
+    figures["server_errors"] = sum(level["server_errors"] for section in (figures, figures.get("processes", {}))
+                                   for level in section.get("bookings", {}).values())
     figures["targets"] = _targets(figures)
     return figures
 
@@ -275,13 +298,19 @@ def _measure_search(*, count: int, rng: random.Random) -> dict:
 
 # --- writes ---------------------------------------------------------------------------------------
 
-def _in_threads(clients: int, work) -> float:
+CLIENT_MODELS = ("threads", "processes")
+
+
+def _in_threads(clients: int, work) -> tuple[float, list]:
+    """Run work(i) in ``clients`` threads of this process, each with its own connection; (seconds, results)."""
     barrier = threading.Barrier(clients + 1)
+    results: list = [None] * clients
 
     def body(index):
         try:
+            connection.ensure_connection()  # connecting is not part of what is measured
             barrier.wait()
-            work(index)
+            results[index] = work(index)
         finally:
             connections.close_all()
 
@@ -292,10 +321,56 @@ def _in_threads(clients: int, work) -> float:
     t0 = time.perf_counter()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, results
 
 
-def _insert_floor(*, clients: int, seconds: float) -> float:
+def _in_processes(clients: int, work) -> tuple[float, list]:
+    """Run work(i) in ``clients`` forked processes, each with its own connection; (seconds, results).
+
+    Threads share one interpreter lock, so the Python half of each client's work runs one at a
+    time; processes are how a web server runs the API (one worker process per request in flight).
+    The clock stops when the last client finishes its work, not when the processes have exited.
+    """
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(clients + 1)
+    queue = context.Queue()
+
+    def body(index):
+        try:
+            connection.ensure_connection()  # connecting is not part of what is measured
+            barrier.wait()
+            result = work(index)
+            queue.put((index, result, time.monotonic(), None))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which re-raises
+            queue.put((index, None, time.monotonic(), repr(exc)))
+        finally:
+            connections.close_all()
+
+    # Each child opens its own connection: none may inherit the parent's socket.
+    connections.close_all()
+    processes = [context.Process(target=body, args=(i,), daemon=True) for i in range(clients)]
+    for process in processes:
+        process.start()
+    barrier.wait()
+    t0 = time.monotonic()
+    reports = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    errors = [error for *_, error in reports if error]
+    if errors:
+        raise RuntimeError(f"benchmark client failed: {errors[0]}")
+    results: list = [None] * clients
+    for index, result, _, _ in reports:
+        results[index] = result
+    return max(finished for _, _, finished, _ in reports) - t0, results
+
+
+def _run_clients(model: str, clients: int, work) -> tuple[float, list]:
+    return (_in_processes if model == "processes" else _in_threads)(clients, work)
+
+
+def _insert_floor(*, clients: int, seconds: float, model: str = "threads") -> float:
+    """Plain single-row INSERT transactions per second, ``clients`` connections as ``model``."""
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute("CREATE TABLE IF NOT EXISTS bench_insert_floor (id bigserial PRIMARY KEY, "
@@ -303,33 +378,33 @@ def _insert_floor(*, clients: int, seconds: float) -> float:
         else:
             cursor.execute("CREATE TABLE IF NOT EXISTS bench_insert_floor (id integer PRIMARY KEY AUTOINCREMENT, "
                            "at text NOT NULL, payload text NOT NULL)")
-    done = [0] * clients
 
     def work(index):
+        done = 0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             with transaction.atomic():
                 with connection.cursor() as cursor:
                     cursor.execute("INSERT INTO bench_insert_floor (at, payload) VALUES (%s, %s)",
                                    [timezone.now(), "x"])
-            done[index] += 1
+            done += 1
+        return done
 
-    elapsed = _in_threads(clients, work)
+    elapsed, done = _run_clients(model, clients, work)
     return round(sum(done) / elapsed, 1)
 
 
-def _measure_bookings(*, clients: int, total: int, level: int, seed: int) -> dict:
-    """``total`` bookings split over ``clients`` threads, all inside one 6-hour span (overlapping)."""
+def _measure_bookings(*, clients: int, total: int, level: int, seed: int, model: str = "threads") -> dict:
+    """``total`` bookings split over ``clients`` clients, all inside one 6-hour span (overlapping)."""
     from django.contrib.auth import get_user_model
 
     user = get_user_model().objects.get(username=f"{PREFIX}-user")
     tenants = list(Tenant.objects.filter(slug__startswith=f"{PREFIX}-").order_by("slug"))
     step = policies.granularity()
     base = policies.ceil_to_granularity(timezone.now() + timedelta(days=120 + 7 * level))
-    counts = {"booked": 0, "refused": 0, "server_errors": 0}
-    lock = threading.Lock()
 
     def work(index):
+        counts = {"booked": 0, "refused": 0, "server_errors": 0}
         rng = random.Random(seed * 1000 + level * 100 + index)
         tenant = tenants[index % len(tenants)]
         for _ in range(total // clients):
@@ -343,10 +418,11 @@ def _measure_bookings(*, clients: int, total: int, level: int, seed: int) -> dic
                 outcome = "refused"
             except Exception:  # noqa: BLE001 - the figure to report is exactly "anything else"
                 outcome = "server_errors"
-            with lock:
-                counts[outcome] += 1
+            counts[outcome] += 1
+        return counts
 
-    elapsed = _in_threads(clients, work)
+    elapsed, results = _run_clients(model, clients, work)
+    counts = {key: sum(result[key] for result in results) for key in ("booked", "refused", "server_errors")}
     return counts | {"seconds": round(elapsed, 2), "bookings_per_s": round(counts["booked"] / elapsed, 1)}
 
 
@@ -383,7 +459,11 @@ def _targets(f: dict) -> dict:
                "zero_server_errors": f["server_errors"] == 0}
     if "p95_over_floor" in f["search"]:
         targets["search_p95_le_3x_floor"] = f["search"]["p95_over_floor"] <= 3
-    rate16 = f["bookings"]["16"]["bookings_per_s"]
-    for clients, floor in f["insert_floor_tx_per_s"].items():
-        targets[f"bookings16_over_insert_floor_{clients}_clients"] = round(rate16 / floor, 3) if floor else None
+    for prefix, section in (("", f), ("processes_", f.get("processes", {}))):
+        if "bookings" not in section:
+            continue
+        rate16 = section["bookings"]["16"]["bookings_per_s"]
+        for clients, floor in section["insert_floor_tx_per_s"].items():
+            targets[f"{prefix}bookings16_over_insert_floor_{clients}_clients"] = (
+                round(rate16 / floor, 3) if floor else None)
     return targets

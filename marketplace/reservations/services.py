@@ -2,16 +2,19 @@
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput
-from marketplace.core.services import Actor, audit_record
-from marketplace.inventory.models import GpuModel, Node, Region
+from marketplace.core.models import AuditLog
+from marketplace.core.services import Actor, audit_entry, audit_record
+from marketplace.inventory.models import Cluster, GpuModel, Node, Region
 from marketplace.reservations import money, policies, selectors
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.status import HOLDING, ReservationStatus, can_transition
@@ -37,6 +40,19 @@ class IdempotencyKeyReused(Conflict):
     code = "idempotency_key_reused"
 
 
+def _transition_entry(*, reservation: Reservation, current: str, to: str, actor: Actor, reason: str) -> AuditLog:
+    """The transition table's verdict on ``current`` → ``to``, and the audit row that records it."""
+    if not can_transition(current, to):
+        raise IllegalTransition(
+            f"A {current} reservation cannot become {to}.",
+            fields={"status": [f"{current} → {to} is not allowed"]},
+        )
+    return audit_entry(
+        actor=actor, action=f"reservation.{to}", obj=reservation, tenant_id=reservation.tenant_id,
+        before={"status": current}, after={"status": to, "reason": reason},
+    )
+
+
 def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, reason: str = "") -> Reservation:
     """Move a reservation to ``to`` if the transition table allows it, and write the audit row.
 
@@ -46,19 +62,12 @@ def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, r
     with transaction.atomic():
         locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
         current = locked.status
-        if not can_transition(current, to):
-            raise IllegalTransition(
-                f"A {current} reservation cannot become {to}.",
-                fields={"status": [f"{current} → {to} is not allowed"]},
-            )
+        entry = _transition_entry(reservation=locked, current=current, to=to, actor=actor, reason=reason)
         now = timezone.now()
         Reservation.objects.filter(pk=locked.pk).update(
             status=to, status_reason=reason, status_changed_at=now, updated_at=now
         )
-        audit_record(
-            actor=actor, action=f"reservation.{to}", obj=locked, tenant_id=locked.tenant_id,
-            before={"status": current}, after={"status": to, "reason": reason},
-        )
+        entry.save(force_insert=True)
     reservation.status, reservation.status_reason, reservation.status_changed_at = to, reason, now
     return reservation
 
@@ -176,6 +185,18 @@ def _is_idempotency_race(exc: IntegrityError) -> bool:
     return name == "reservation_tenant_idempotency_key_unique" or "idempotency_key" in str(exc)
 
 
+CONFIRMED_REASON = "nodes allocated"
+
+
+def _create_audit_after(*, model: GpuModel, gpus: int, offer: selectors.Offer, node_ids: list[int], start: datetime,
+                        end: datetime, enforce: bool) -> dict:
+    return {
+        "gpu_model": model.name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
+        "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
+        "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
+    }
+
+
 def reservation_create(
     *, actor: Actor, tenant: Tenant, gpu_model: str, gpus: int, end: datetime, start: datetime | None = None,
     region: str | None = None, same_domain: bool = False, idempotency_key: str = "", enforce_policies: bool = True,
@@ -232,6 +253,15 @@ def reservation_create(
 def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int, nodes: int,
                start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
                enforce: bool) -> BookingResult:
+    """One booking attempt, inside the caller's transaction: PostgreSQL's in three statements, else portable."""
+    book = _book_once_postgresql if connection.vendor == "postgresql" else _book_once_portable
+    return book(actor=actor, tenant=tenant, model=model, region=region, gpus=gpus, nodes=nodes, start=start, end=end,
+                same_domain=same_domain, idempotency_key=idempotency_key, fingerprint=fingerprint, enforce=enforce)
+
+
+def _book_once_portable(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
+                        nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
+                        fingerprint: str, enforce: bool) -> BookingResult:
     # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
     tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
@@ -267,12 +297,231 @@ def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region 
         ReservationEvent(reservation=reservation, kind=kind, due_at=due_at)
         for kind, due_at in reservation_event_due_times(reservation).items()
     ])
-    audit_record(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk, after={
-        "gpu_model": model.name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
-        "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
-        "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
-    })
-    reservation_transition(reservation=reservation, to=S.CONFIRMED, actor=actor, reason="nodes allocated")
+    audit_record(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
+                 after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
+                                           end=end, enforce=enforce))
+    reservation_transition(reservation=reservation, to=S.CONFIRMED, actor=actor, reason=CONFIRMED_REASON)
+    return BookingResult(reservation=reservation, created=True)
+
+
+# --- booking on PostgreSQL in two statements -------------------------------------------------------
+#
+# The same booking as the portable path above, with the round trips folded: (1) lock the tenant row,
+# read the priced clusters and, in the cheapest one, pick and lock the nodes of the first topology
+# domain that has enough free ones (further clusters, if it has none, one statement each), (2) insert
+# the reservation, its allocations, due events and audit rows in one statement that also reads the
+# tenant's held GPUs for the quota check. A quota refusal after (2) rolls the whole transaction back,
+# so nothing is half-written. The exclusion constraint still decides races: a violation in (2) rolls
+# back and reservation_create retries.
+
+# Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits): within a
+# domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
+# window take disjoint nodes. The busy test is selectors.free_nodes' (allocations blocked in
+# [start, end + cleaning gap), non-cancelled maintenance windows), written for one node at a time.
+_PICK_NODES_TEMPLATE = """
+SELECT d.topology_domain, picked.ids
+FROM (SELECT DISTINCT topology_domain FROM inventory_node
+      WHERE gpu_model_id = %(model)s AND status = %(available)s AND cluster_id = {cluster}
+      ORDER BY topology_domain) d
+CROSS JOIN LATERAL (
+  SELECT array_agg(s.id) AS ids FROM (
+    SELECT n.id FROM inventory_node n
+    WHERE n.gpu_model_id = %(model)s AND n.status = %(available)s AND n.cluster_id = {cluster}
+      AND n.topology_domain = d.topology_domain AND n.health <> %(unhealthy)s
+      AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
+                      WHERE a.node_id = n.id AND a.state <> %(cancelled)s
+                        AND a.starts_at < %(padded_end)s AND a.blocked_until > %(start)s)
+      AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
+                      WHERE m.node_id = n.id AND m.cancelled_at IS NULL
+                        AND m.starts_at < %(padded_end)s AND m.ends_at > %(start)s)
+    ORDER BY random()
+    LIMIT %(nodes)s
+    FOR NO KEY UPDATE OF n SKIP LOCKED
+  ) s
+) picked
+WHERE cardinality(picked.ids) = %(nodes)s
+ORDER BY d.topology_domain
+LIMIT 1
+"""
+
+_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace("{cluster}", "%(cluster)s")
+
+# The tenant row locked, every priced cluster ranked cheapest first then by name (COLLATE "C": the
+# code-point order of selectors.priced_clusters), and the pick in the first of them; one row per
+# cluster (one row with NULL cluster columns if none), the pick on the first row.
+_TENANT_PRICES_AND_PICK_SQL = """
+WITH tenant AS (
+  SELECT slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s FOR UPDATE
+), priced AS MATERIALIZED (
+  SELECT c.id, c.name, r.code, p.price_per_gpu_hour, p.currency,
+         row_number() OVER (ORDER BY p.price_per_gpu_hour, c.name COLLATE "C") AS rank
+  FROM inventory_cluster c
+  JOIN inventory_region r ON r.id = c.region_id
+  JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = %(model)s
+  WHERE c.status = %(active)s AND (%(region)s::bigint IS NULL OR c.region_id = %(region)s::bigint)
+), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.replace("{cluster}", "(SELECT id FROM priced WHERE rank = 1)") + """)
+SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, c.id, c.name, c.code, c.price_per_gpu_hour, c.currency,
+       pick.topology_domain, pick.ids
+FROM tenant t
+LEFT JOIN priced c ON true
+LEFT JOIN pick ON c.rank = 1
+ORDER BY c.rank
+"""
+
+HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
+
+# Everything a booking writes, in one statement; the main SELECT reads the tenant's held GPUs for the
+# quota check (it runs after the tenant lock, so it sees every committed booking of the tenant, and
+# it does not see this one). Audit rows keep their order (create, then the transition).
+_INSERT_BOOKING_SQL = f"""
+WITH reservation AS (
+  INSERT INTO reservations_reservation (id, tenant_id, created_by_id, gpu_model_id, cluster_id, gpus, same_domain,
+      starts_at, ends_at, status, status_reason, status_changed_at, currency, unit_price, total_price,
+      idempotency_key, request_fingerprint, readiness, ready_at, end_notice_at, released_at, created_at, updated_at)
+  VALUES (%(id)s, %(tenant)s, %(created_by)s, %(model)s, %(cluster)s, %(gpus)s, %(same_domain)s, %(start)s, %(end)s,
+      %(status)s, %(status_reason)s, %(now)s, %(currency)s, %(unit_price)s, %(total_price)s, %(idempotency_key)s,
+      %(fingerprint)s, NULL, NULL, NULL, NULL, %(now)s, %(now)s)
+), allocation AS (
+  INSERT INTO reservations_allocation (reservation_id, node_id, starts_at, ends_at, blocked_until, state, created_at)
+  SELECT %(id)s, node_id, %(start)s, %(end)s, %(blocked_until)s, %(allocation_state)s, %(now)s
+  FROM unnest(%(nodes)s::bigint[]) AS node_id
+), event AS (
+  INSERT INTO reservations_reservationevent (reservation_id, kind, due_at, status, attempts, claimed_at, claimed_by,
+      done_at, last_error)
+  SELECT %(id)s, kind, due_at, %(event_status)s, 0, NULL, '', NULL, ''
+  FROM unnest(%(event_kinds)s::text[], %(event_due)s::timestamptz[]) AS e(kind, due_at)
+), audit AS (
+  INSERT INTO core_auditlog (at, actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message)
+  SELECT %(now)s, actor_user_id, actor, tenant_id, action, object_type, object_id, before::jsonb, after::jsonb, message
+  FROM unnest(%(audit_actor_user)s::bigint[], %(audit_actor)s::text[], %(audit_tenant)s::bigint[],
+              %(audit_action)s::text[], %(audit_object_type)s::text[], %(audit_object_id)s::text[],
+              %(audit_before)s::text[], %(audit_after)s::text[], %(audit_message)s::text[])
+       WITH ORDINALITY AS a(actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message, n)
+  ORDER BY n
+)
+SELECT starts_at, ends_at, gpus FROM reservations_reservation
+WHERE tenant_id = %(tenant)s AND status IN ({HOLDING_SQL}) AND starts_at < %(end)s AND ends_at > %(start)s
+"""
+
+
+@contextmanager
+def _server_binding_cursor() -> Iterator:
+    """A Django cursor (logged, errors wrapped) whose parameters travel apart from the SQL text.
+
+    Django's default psycopg cursor quotes every parameter into the SQL in Python; for the booking's
+    few large statements, sending them separately saves that work on the client.
+    """
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor = connection._prepare_cursor(ServerBindingCursor(connection.connection))
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+def _json(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
+                          nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
+                          fingerprint: str, enforce: bool) -> BookingResult:
+    padded_end = end + selectors.cleaning_gap()
+    pick_params = {"model": model.pk, "available": Node.Status.AVAILABLE.value, "unhealthy": Node.Health.UNHEALTHY.value,
+                   "cancelled": Allocation.State.CANCELLED.value, "start": start, "padded_end": padded_end,
+                   "nodes": nodes}
+    with connection.cursor() as cursor:
+        # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
+        cursor.execute(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
+            "tenant": tenant.pk, "active": Cluster.Status.ACTIVE.value,
+            "region": region.pk if region is not None else None})
+        rows = cursor.fetchall()
+    if not rows:
+        raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
+    slug, billing_status, quota, is_active = rows[0][:4]
+    locked = Tenant(pk=tenant.pk, slug=slug, billing_status=billing_status, gpu_quota=quota, is_active=is_active)
+    if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
+        return replay
+    policies.check_tenant_standing(tenant=locked, enforce=enforce)
+
+    def check_quota() -> None:
+        # Before any capacity refusal, as the portable path does: a tenant over quota hears that first.
+        policies.check_quota(tenant=locked, held=_held_gpus(tenant=tenant, start=start, end=end), start=start,
+                             end=end, gpus=gpus, enforce=enforce)
+
+    plan = None
+    for index, (cluster_id, cluster_name, region_code, price, currency, domain, node_ids) in enumerate(
+            row[4:] for row in rows if row[4] is not None):
+        if index > 0:
+            with connection.cursor() as cursor:
+                cursor.execute(_PICK_NODES_SQL, pick_params | {"cluster": cluster_id})
+                domain, node_ids = cursor.fetchone() or (None, None)
+        if domain is None:
+            continue
+        offer = selectors.Offer(
+            region=region_code, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
+            same_domain=True, domains=(domain,), unit_price=price, currency=currency, start=start, end=end,
+            total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
+        )
+        plan = offer, list(node_ids)
+        break
+    if plan is None:
+        # No single domain fits: the full search says why, or offers nodes across domains.
+        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
+                                              same_domain=same_domain)
+        if not found.offers:
+            check_quota()
+            raise InsufficientCapacity(found.reason["message"])
+        plan = found.offers[0], _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)
+    offer, node_ids = plan
+    if len(node_ids) < offer.nodes:
+        check_quota()
+        raise _NodesTaken()  # concurrent bookings hold them right now: search again
+    # Sorted: concurrent bookings insert allocations in one global order.
+    node_ids = sorted(node_ids)
+    now = timezone.now()
+    # Created pending and confirmed in this same transaction, so no one ever sees it pending: the row
+    # is written confirmed, with both audit rows, and the transition table has its say as always.
+    reservation = Reservation(
+        tenant=tenant, created_by=actor.user if actor.user is not None else tenant_owner_or_error(tenant),
+        gpu_model=model, cluster_id=offer.cluster_id, gpus=gpus, same_domain=same_domain,
+        starts_at=start, ends_at=end, status=S.CONFIRMED, status_reason=CONFIRMED_REASON, currency=offer.currency,
+        unit_price=offer.unit_price, total_price=offer.total_price, idempotency_key=idempotency_key,
+        request_fingerprint=fingerprint, status_changed_at=now, created_at=now, updated_at=now,
+    )
+    blocked_until = end + selectors.cleaning_gap()
+    due = reservation_event_due_times(reservation)
+    audit = [
+        audit_entry(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
+                    after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
+                                              end=end, enforce=enforce)),
+        _transition_entry(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
+                          reason=CONFIRMED_REASON),
+    ]
+    with _server_binding_cursor() as cursor:
+        cursor.execute(_INSERT_BOOKING_SQL, {
+            "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model.pk,
+            "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
+            "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
+            "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
+            "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": blocked_until,
+            "allocation_state": Allocation.State.ACTIVE.value, "nodes": node_ids,
+            "event_status": ReservationEvent.Status.PENDING.value,
+            "event_kinds": [str(kind) for kind in due], "event_due": list(due.values()),
+            "audit_actor_user": [row.actor_user_id for row in audit], "audit_actor": [row.actor for row in audit],
+            "audit_tenant": [row.tenant_id for row in audit], "audit_action": [row.action for row in audit],
+            "audit_object_type": [row.object_type for row in audit],
+            "audit_object_id": [row.object_id for row in audit],
+            "audit_before": [_json(row.before) for row in audit], "audit_after": [_json(row.after) for row in audit],
+            "audit_message": [row.message for row in audit],
+        })
+        held = cursor.fetchall()
+    policies.check_quota(tenant=locked, held=held, start=start, end=end, gpus=gpus, enforce=enforce)
+    reservation._state.adding = False
+    reservation._state.db = connection.alias
     return BookingResult(reservation=reservation, created=True)
 
 
@@ -288,7 +537,10 @@ def tenant_owner_or_error(tenant: Tenant):
 # --- changes to a booking -----------------------------------------------------------------------
 
 def _locked(reservation: Reservation) -> Reservation:
-    return Reservation.objects.select_for_update().select_related("gpu_model").get(pk=reservation.pk)
+    # Only the reservation row: FOR UPDATE on the joined GPU model row would block every booking of
+    # that model at its commit (the foreign-key check takes FOR KEY SHARE on it) and can deadlock
+    # with a booking that holds a node this change is waiting for.
+    return Reservation.objects.select_for_update(of=("self",)).select_related("gpu_model").get(pk=reservation.pk)
 
 
 def reservation_cancel(*, actor: Actor, reservation: Reservation, reason: str = "") -> Reservation:

@@ -1,0 +1,148 @@
+"""PostgreSQL books in a few statements; the portable path (SQLite's) must come to the same result."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from marketplace.core.models import AuditLog
+from marketplace.reservations import selectors, services
+from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
+from marketplace.reservations.policies import QuotaExceeded
+from marketplace.reservations.services import InsufficientCapacity
+from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
+from tests.reservations.conftest import at
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen")]
+
+
+def book(tenant, actor, **kwargs):
+    params = {"gpu_model": "H100-SXM-80GB", "gpus": 16, "start": at(2), "end": at(6)} | kwargs
+    return services.reservation_create(actor=actor, tenant=tenant, **params)
+
+
+def written(reservation: Reservation) -> dict:
+    """What a booking wrote, in terms that do not depend on which nodes or ids it got."""
+    allocations = list(Allocation.objects.filter(reservation=reservation).select_related("node"))
+    audit = AuditLog.objects.filter(object_id=str(reservation.pk)).order_by("id")
+    return {
+        "reservation": {field: getattr(reservation, field) for field in (
+            "status", "status_reason", "gpus", "same_domain", "cluster_id", "gpu_model_id", "tenant_id",
+            "created_by_id", "currency", "unit_price", "total_price", "idempotency_key", "readiness", "ready_at",
+            "released_at")},
+        "allocations": sorted((a.state, a.starts_at - reservation.starts_at, a.ends_at - reservation.ends_at,
+                               a.blocked_until - a.ends_at) for a in allocations),
+        "domains": sorted({a.node.topology_domain for a in allocations}),
+        "events": sorted((e.kind, e.status, e.due_at - reservation.starts_at) for e in reservation.events.all()),
+        "audit": [(row.action, row.actor, row.actor_user_id, row.tenant_id, row.before,
+                   {k: v for k, v in (row.after or {}).items() if k != "nodes"}, len((row.after or {}).get("nodes", [])))
+                  for row in audit],
+    }
+
+
+@pytest.mark.postgres_only
+def test_postgresql_and_portable_paths_write_the_same_booking(fleet, tenant, actor, monkeypatch):
+    # given one booking made the PostgreSQL way, read back from the database
+    fast = Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k1").reservation.pk)
+    # when the same request (another key, a later window) goes the portable way
+    monkeypatch.setattr(services, "_book_once_postgresql", services._book_once_portable)
+    portable = Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k2", start=at(12),
+                                               end=at(16)).reservation.pk)
+    # then both wrote the same rows, up to the key, the window and the fingerprint
+    fast_rows, portable_rows = written(fast), written(portable)
+    fast_rows["reservation"]["idempotency_key"] = portable_rows["reservation"]["idempotency_key"] = None
+    for rows, start, end in ((fast_rows, at(2), at(6)), (portable_rows, at(12), at(16))):
+        created = rows["audit"][0]
+        assert created[5]["start"] == start.isoformat() and created[5]["end"] == end.isoformat()
+        created[5]["start"] = created[5]["end"] = None
+    assert fast_rows == portable_rows
+    assert fast_rows["audit"][1][4] == {"status": "pending"} and fast_rows["domains"] == ["ib-a"]
+
+
+@pytest.mark.postgres_only
+def test_the_returned_reservation_matches_the_stored_row(fleet, tenant, actor):
+    returned = book(tenant, actor).reservation
+    stored = Reservation.objects.get(pk=returned.pk)
+    for field in Reservation._meta.concrete_fields:
+        assert getattr(returned, field.attname) == getattr(stored, field.attname), field.name
+
+
+@pytest.mark.postgres_only
+def test_a_booking_on_postgresql_takes_a_fixed_handful_of_statements(fleet, tenant, actor):
+    book(tenant, actor)  # warm the connection
+    with CaptureQueriesContext(connection) as one_node:
+        book(tenant, actor, gpus=8, start=at(10), end=at(12))
+    with CaptureQueriesContext(connection) as two_nodes:
+        book(tenant, actor, gpus=16, start=at(20), end=at(24))
+    # model lookup, tenant lock with prices and the node pick, one insert of everything, and the transaction
+    assert len(one_node) == len(two_nodes) <= 5, [q["sql"][:80] for q in two_nodes]
+
+
+def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, tenant, actor):
+    # given two more clusters at the same, lower price, whose names sort differently by code point
+    # ("B-…" before "b-…") than by a linguistic collation
+    region = RegionFactory(code="eu-west")
+    GpuPriceFactory(gpu_model=fleet.model, region=region, price_per_gpu_hour=Decimal("2.0000"), currency="EUR")
+    lower, upper = ClusterFactory(name="b-x", region=region), ClusterFactory(name="B-y", region=region)
+    for cluster in (lower, upper):
+        NodeFactory(name=f"{cluster.name}-0", cluster=cluster, gpu_model=fleet.model, topology_domain="ib-z")
+    expected = [cluster.name for cluster, _ in selectors.priced_clusters(gpu_model=fleet.model)]
+    assert expected[:2] == ["B-y", "b-x"]
+    # when three one-node bookings of one window are made
+    placed = [book(tenant, actor, gpus=8).reservation for _ in range(3)]
+    # then they go to the cheap clusters in that order, at their price, and then to the next cluster
+    assert [r.cluster.name for r in placed] == ["B-y", "b-x", "east-1"]
+    assert [(r.unit_price, r.currency) for r in placed] == [(Decimal("2.0000"), "EUR")] * 2 + [
+        (Decimal("2.5000"), "USD")]
+
+
+def test_quota_is_refused_before_capacity(fleet, tenant, actor):
+    # given a tenant whose quota is one node
+    tenant.gpu_quota = 8
+    tenant.save()
+    # when it asks for more nodes than exist, it hears about its quota (as before any capacity check)
+    with pytest.raises(QuotaExceeded):
+        book(tenant, actor, gpus=56)
+    # and with capacity to spare, still about its quota, and nothing is written
+    with pytest.raises(QuotaExceeded):
+        book(tenant, actor, gpus=16)
+    assert not Reservation.objects.exists() and not AuditLog.objects.filter(action__startswith="reservation.").exists()
+
+
+def test_a_quota_refusal_after_placement_leaves_nothing_behind(fleet, tenant, actor):
+    # given a tenant holding one node, with a quota of two
+    tenant.gpu_quota = 16
+    tenant.save()
+    book(tenant, actor, gpus=8)
+    # when it asks for two more in an overlapping window
+    with pytest.raises(QuotaExceeded):
+        book(tenant, actor, gpus=16, start=at(4), end=at(8))
+    # then only the first booking exists, and its nodes are the only ones held
+    assert Reservation.objects.count() == 1 and Allocation.objects.count() == 1
+    assert AuditLog.objects.filter(action="reservation.create").count() == 1
+    # and the same request fits once the windows no longer overlap
+    assert book(tenant, actor, gpus=8, start=at(7), end=at(9)).created
+
+
+def test_no_domain_fits_and_spanning_refused_is_insufficient_capacity(fleet, tenant, actor):
+    # given every node of ib-a booked, 2 nodes left in ib-b
+    book(tenant, actor, gpus=32)
+    with pytest.raises(InsufficientCapacity):
+        book(tenant, actor, gpus=24, start=at(3), end=at(5), same_domain=True)
+    # a window after the cleaning gap gets ib-a again
+    later = book(tenant, actor, gpus=32, start=at(6) + timedelta(minutes=30), end=at(8)).reservation
+    assert {a.node.topology_domain for a in later.allocations.all()} == {"ib-a"}
+
+
+@pytest.mark.parametrize("model", [Reservation, Allocation, ReservationEvent, AuditLog])
+def test_the_postgresql_insert_names_every_column(model):
+    # a column added to one of these models must be written by the one-statement booking too
+    statement = services._INSERT_BOOKING_SQL
+    table = model._meta.db_table
+    columns_part = statement[statement.index(f"INSERT INTO {table} (") + len(f"INSERT INTO {table} ("):]
+    named = {name.strip() for name in columns_part[:columns_part.index(")")].split(",")}
+    expected = {field.column for field in model._meta.concrete_fields if not (field.primary_key and field.column == "id"
+                                                                                and model is not Reservation)}
+    assert named == expected
