@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -404,24 +402,6 @@ WHERE tenant_id = %(tenant)s AND status IN ({HOLDING_SQL}) AND starts_at < %(end
 """
 
 
-@contextmanager
-def _server_binding_cursor() -> Iterator:
-    """A Django cursor (logged, errors wrapped) whose parameters travel apart from the SQL text.
-
-    Django's default psycopg cursor quotes every parameter into the SQL in Python; for the booking's
-    few large statements, sending them separately saves that work on the client.
-    """
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
-    connection.ensure_connection()
-    with connection.wrap_database_errors:
-        cursor = connection._prepare_cursor(ServerBindingCursor(connection.connection))
-    try:
-        yield cursor
-    finally:
-        cursor.close()
-
-
 def _json(value: dict | None) -> str | None:
     return None if value is None else json.dumps(value)
 
@@ -501,7 +481,7 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         _transition_entry(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
                           reason=CONFIRMED_REASON),
     ]
-    with _server_binding_cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_INSERT_BOOKING_SQL, {
             "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model.pk,
             "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
