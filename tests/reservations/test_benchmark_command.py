@@ -1,24 +1,53 @@
 """The booking benchmark runs end to end at a tiny size and finds no double or partial bookings."""
 
 import json
+import os
+import subprocess
+import sys
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 
 from marketplace.reservations.models import Allocation
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--nodes", "64", "--reservations", "256", "--searches", "5", "--bookings", "16", "--floor-seconds", "0.2"]
+
+
+def figures_of(output: str) -> dict:
+    return json.loads(output[output.index("{\n"):])
 
 
 @pytest.mark.postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_benchmark_booking_reports_figures_and_no_double_bookings():
     out = StringIO()
-    call_command("benchmark", "booking", "--nodes", "64", "--reservations", "256", "--searches", "5",
-                 "--bookings", "16", "--floor-seconds", "0.2", stdout=out)
-    figures = json.loads(out.getvalue()[out.getvalue().index("{\n"):])
+    # thread clients only: the test process has other threads alive, and must not fork
+    call_command("benchmark", "booking", *TINY, "--clients", "threads", stdout=out)
+    figures = figures_of(out.getvalue())
     assert figures["nodes"] == 64 and figures["reservations"] == 256
     assert figures["double_bookings"] == 0 and figures["partial_bookings"] == 0 and figures["server_errors"] == 0
     assert {"p50_ms", "p95_ms", "p99_ms", "sql_floor_p95_ms"} <= set(figures["search"])
     assert set(figures["bookings"]) == {"1", "4", "16"}
     assert sum(level["booked"] for level in figures["bookings"].values()) > 0
     assert Allocation.objects.count() >= 256
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_benchmark_booking_with_process_clients():
+    # given a clean, single-threaded process (the command as an operator runs it) on the test database
+    s = connection.settings_dict
+    url = f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    env = {**os.environ, "DJANGO_ENV": "test", "DATABASE_URL": url}
+    result = subprocess.run([sys.executable, "manage.py", "benchmark", "booking", *TINY, "--clients", "processes"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = figures_of(result.stdout)
+    # then forked clients booked, with nothing double- or half-booked
+    assert set(figures["processes"]["bookings"]) == {"1", "4", "16"}
+    assert sum(level["booked"] for level in figures["processes"]["bookings"].values()) > 0
+    assert figures["double_bookings"] == 0 and figures["partial_bookings"] == 0 and figures["server_errors"] == 0
