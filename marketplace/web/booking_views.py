@@ -5,6 +5,7 @@ becomes a message on the page.
 """
 
 import uuid
+from datetime import timedelta
 from urllib.parse import urlencode
 
 from django import forms
@@ -22,6 +23,8 @@ from marketplace.reservations import policies, selectors, services
 from marketplace.reservations.status import ReservationStatus
 from marketplace.tenants.selectors import membership_for, request_tenant
 
+CALENDAR_DAYS = 7
+CALENDAR_STEP = timedelta(hours=12)
 DATETIME_INPUT = forms.DateTimeInput(attrs={"type": "datetime-local", "step": 900}, format="%Y-%m-%dT%H:%M")
 
 
@@ -73,6 +76,10 @@ def search(request):
             messages.error(request, exc.message)
     elif form.is_bound:
         messages.error(request, _form_errors(form))
+    # The capacity calendar: free GPUs per model over the next week, from the start of today (UTC).
+    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    calendar = selectors.capacity_timeline(start=today, end=today + timedelta(days=CALENDAR_DAYS),
+                                           step=CALENDAR_STEP)
     # Booking in a region takes its cheapest fit, which is the region's first offer: that offer
     # gets the Book button.
     bookable = set()
@@ -83,7 +90,8 @@ def search(request):
             bookable.add(index)
     # A fresh key per rendered offer list (suffixed per region): a double-submitted Book button books once.
     return render(request, "web/reservations/search.html",
-                  {"form": form, "result": result, "bookable": bookable, "idempotency_key": uuid.uuid4().hex})
+                  {"form": form, "result": result, "bookable": bookable, "idempotency_key": uuid.uuid4().hex,
+                   "calendar": calendar, "calendar_columns": next(iter(calendar.values()), [])})
 
 
 @login_required
