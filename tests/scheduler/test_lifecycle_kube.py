@@ -71,6 +71,15 @@ def in_pool(reservation):
 CLEAN = {"labels": {}, "taints": [], "unschedulable": False}
 
 
+def assert_released(cluster, reservation, nodes, namespace):
+    """Completed, every node clean and schedulable, the tenant's namespace gone (or going)."""
+    reservation.refresh_from_db()
+    assert reservation.status == S.COMPLETED
+    assert [marks(cluster, node.name) for node in nodes] == [CLEAN] * len(nodes)
+    namespace_left = cluster.read(cluster.api.core.read_namespace, namespace)
+    assert namespace_left is None or namespace_left["status"]["phase"] == "Terminating"
+
+
 def quota(cluster, namespace):
     found = cluster.read(cluster.api.core.read_namespaced_resource_quota, "gpu-quota", namespace)
     return found and found["spec"]["hard"]["requests.nvidia.com/gpu"]
@@ -114,12 +123,8 @@ def test_from_confirmed_to_completed_on_the_server(cluster, row, tenant_on):
         # after the grace period the pod is deleted with force and the release finishes
         clock.shift(GRACE_PASSED)
         assert reconcile.run_due_events() == ["done"]
-    reservation.refresh_from_db()
     # then the nodes are clean and schedulable, the namespace is gone, the reservation completed
-    assert reservation.status == S.COMPLETED
-    assert [marks(cluster, node.name) for node in nodes] == [CLEAN] * 2
-    namespace_left = cluster.read(cluster.api.core.read_namespace, namespace)
-    assert namespace_left is None or namespace_left["status"]["phase"] == "Terminating"
+    assert_released(cluster, reservation, nodes, namespace)
 
 
 @pytest.mark.django_db
@@ -242,11 +247,7 @@ def test_killed_mid_release_leaves_nothing_orphaned_on_the_server(cluster, row, 
         reconcile.reconcile_reservation(reservation.pk)
         assert sorted(reconcile.run_due_events()) == ["done", "done"]
     # then nothing of ours is left on the server
-    reservation.refresh_from_db()
-    assert reservation.status == S.COMPLETED
-    assert [marks(cluster, node.name) for node in nodes] == [CLEAN] * 2
-    namespace_left = cluster.read(cluster.api.core.read_namespace, namespace)
-    assert namespace_left is None or namespace_left["status"]["phase"] == "Terminating"
+    assert_released(cluster, reservation, nodes, namespace)
 
 
 @pytest.mark.django_db
