@@ -112,6 +112,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # Django's cursors bind parameters on the client and never prepare. A threshold lets the few
+    # statements that ask for it explicitly (core.db.fetch_prepared: the booking engine's hot path,
+    # planned in longer than it runs) be prepared once per connection. Turn it off behind a pooler
+    # in transaction mode that cannot keep prepared statements (PgBouncer before 1.21).
+    if env.bool("DB_PREPARED_STATEMENTS", default=True):
+        options = DATABASES["default"].setdefault("OPTIONS", {})
+        options.setdefault("prepare_threshold", 1_000_000)
+        # Those statements are written for one generic plan (cast parameters, literal states): plan
+        # them once, not again on every run. Django's own queries are never prepared, so unaffected.
+        options["options"] = f"{options.get('options', '')} -c plan_cache_mode=force_generic_plan".strip()
     # Under pytest-xdist every worker gets its own test database; the suffix keeps parallel
     # checkouts on one server apart too.
     if test_db := env.str("TEST_DATABASE_NAME", default=""):

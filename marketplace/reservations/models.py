@@ -17,7 +17,9 @@ class Reservation(models.Model):
     Status = ReservationStatus
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="reservations")
+    # Indexed by reservation_tenant_start_idx (tenant first): no index of its own to write per booking.
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="reservations",
+                               db_index=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     gpu_model = models.ForeignKey("inventory.GpuModel", on_delete=models.PROTECT, related_name="+")
     cluster = models.ForeignKey("inventory.Cluster", on_delete=models.PROTECT, related_name="reservations")
@@ -108,8 +110,11 @@ class Allocation(models.Model):
         REPLACED = "replaced", "Replaced"  # swapped out (node failed); period trimmed to the swap
         CANCELLED = "cancelled", "Cancelled"  # never used; frees the period entirely
 
-    reservation = models.ForeignKey(Reservation, on_delete=models.PROTECT, related_name="allocations")
-    node = models.ForeignKey("inventory.Node", on_delete=models.PROTECT, related_name="allocations")
+    # Each booking writes every index of this table once per node, so there are no redundant ones:
+    # reservation is indexed by allocation_reservation_idx, node by allocation_node_busy_idx.
+    reservation = models.ForeignKey(Reservation, on_delete=models.PROTECT, related_name="allocations",
+                                    db_index=False)
+    node = models.ForeignKey("inventory.Node", on_delete=models.PROTECT, related_name="allocations", db_index=False)
     starts_at = models.DateTimeField()
     ends_at = models.DateTimeField()
     blocked_until = models.DateTimeField()
@@ -133,15 +138,17 @@ class Allocation(models.Model):
                     ("node", RangeOperators.EQUAL),
                 ],
                 condition=~Q(state="cancelled"),
+                # Covering: "which nodes are busy in this window" for the whole fleet is an
+                # index-only scan of this index (see selectors.allocations_overlapping).
+                include=["starts_at", "blocked_until"],
                 violation_error_code="node_double_booked",
                 violation_error_message="This node is already allocated for an overlapping period.",
             ),
         ]
         indexes = [
-            models.Index(fields=["node", "starts_at", "blocked_until"], name="allocation_node_period_idx"),
             models.Index(fields=["reservation", "state"], name="allocation_reservation_idx"),
-            # Two more, in migrations 0002 and 0004 (their INCLUDE columns are PostgreSQL only):
-            # allocation_period_cover_idx and allocation_node_busy_idx.
+            # One more, in migration 0005 (its INCLUDE columns are PostgreSQL only): allocation_node_busy_idx
+            # on (node_id, blocked_until), "is this node busy in [start, end)?" one node at a time.
         ]
 
     def __str__(self) -> str:
@@ -167,7 +174,8 @@ class ReservationEvent(models.Model):
         DONE = "done", "Done"
         CANCELLED = "cancelled", "Cancelled"
 
-    reservation = models.ForeignKey(Reservation, on_delete=models.PROTECT, related_name="events")
+    # Indexed by reservation_event_kind_unique (reservation first).
+    reservation = models.ForeignKey(Reservation, on_delete=models.PROTECT, related_name="events", db_index=False)
     kind = models.CharField(max_length=20, choices=Kind)
     due_at = models.DateTimeField()
     status = models.CharField(max_length=20, choices=Status, default=Status.PENDING)

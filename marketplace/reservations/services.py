@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from marketplace.core.db import fetch_prepared
 from marketplace.core.exceptions import Conflict, InvalidInput
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor, audit_entry, audit_record
@@ -212,23 +213,21 @@ def reservation_create(
                                same_domain=bool(same_domain))
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
         return replay
-    model = selectors.gpu_model_by_name(gpu_model)
-    region_row = selectors.region_by_code(region)
-    nodes_needed = policies.check_gpus(gpus=gpus, gpus_per_node=model.gpus_per_node, model_name=model.name)
     now = timezone.now()
     start = policies.resolve_start(start, now=now)
     policies.check_window(start=start, end=end, enforce=enforce_policies, now=now)
+    # PostgreSQL's path looks the model and region up in its first statement; the portable one with the ORM.
+    book_once = _book_once_postgresql if connection.vendor == "postgresql" else _book_once_portable
 
     attempts = settings.MARKETPLACE["BOOKING_RETRIES"] + 1
     for attempt in range(attempts):
         try:
             with transaction.atomic():
-                result = _book_once(
-                    actor=actor, tenant=tenant, model=model, region=region_row, gpus=gpus, nodes=nodes_needed,
+                return book_once(
+                    actor=actor, tenant=tenant, model_name=gpu_model, region_code=region or None, gpus=gpus,
                     start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
                     fingerprint=fingerprint, enforce=enforce_policies,
                 )
-            return result
         except IntegrityError as exc:
             if idempotency_key and _is_idempotency_race(exc):
                 # An identical request committed first; answer with its booking.
@@ -244,22 +243,17 @@ def reservation_create(
         except _NodesTaken:
             pass
     raise InsufficientCapacity(
-        f"Could not book {gpus} {model.name} GPUs: other bookings took the free nodes at the same moment. Try again."
+        f"Could not book {gpus} {gpu_model} GPUs: other bookings took the free nodes at the same moment. Try again."
     )
 
 
-def _book_once(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int, nodes: int,
-               start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
-               enforce: bool) -> BookingResult:
-    """One booking attempt, inside the caller's transaction: PostgreSQL's in three statements, else portable."""
-    book = _book_once_postgresql if connection.vendor == "postgresql" else _book_once_portable
-    return book(actor=actor, tenant=tenant, model=model, region=region, gpus=gpus, nodes=nodes, start=start, end=end,
-                same_domain=same_domain, idempotency_key=idempotency_key, fingerprint=fingerprint, enforce=enforce)
-
-
-def _book_once_portable(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
-                        nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
-                        fingerprint: str, enforce: bool) -> BookingResult:
+def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
+                        start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
+                        enforce: bool) -> BookingResult:
+    """One booking attempt, inside the caller's transaction, with the ORM (any database)."""
+    model = selectors.gpu_model_by_name(model_name)
+    region = selectors.region_by_code(region_code)
+    nodes = policies.check_gpus(gpus=gpus, gpus_per_node=model.gpus_per_node, model_name=model.name)
     # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
     tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
@@ -302,65 +296,82 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model: GpuModel, region
     return BookingResult(reservation=reservation, created=True)
 
 
-# --- booking on PostgreSQL in two statements -------------------------------------------------------
+# --- booking on PostgreSQL in two prepared statements -------------------------------------------------
 #
-# The same booking as the portable path above, with the round trips folded: (1) lock the tenant row,
-# read the priced clusters and, in the cheapest one, pick and lock the nodes of the first topology
-# domain that has enough free ones (further clusters, if it has none, one statement each), (2) insert
-# the reservation, its allocations, due events and audit rows in one statement that also reads the
-# tenant's held GPUs for the quota check. A quota refusal after (2) rolls the whole transaction back,
-# so nothing is half-written. The exclusion constraint still decides races: a violation in (2) rolls
-# back and reservation_create retries.
+# The same booking as the portable path above, with the round trips folded and the planning paid
+# once per connection (core.db.fetch_prepared): (1) lock the tenant row, look up the model and
+# region, read the priced clusters and, in the cheapest one, pick and lock the nodes of the first
+# topology domain that has enough free ones (further clusters, if it has none, one statement each);
+# (2) insert the reservation, its allocations, due events and audit rows in one statement that also
+# reads the tenant's held GPUs for the quota check. Every decision (unknown model or region, whole
+# nodes, standing, quota, money) is still made here in Python by the same policies; a refusal after
+# (1) or (2) rolls the whole transaction back, so nothing is half-written. The exclusion constraint
+# still decides races: a violation in (2) rolls back and reservation_create retries.
 
 # Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits): within a
 # domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
 # window take disjoint nodes. The busy test is selectors.free_nodes' (allocations blocked in
 # [start, end + cleaning gap), non-cancelled maintenance windows), written for one node at a time.
+# Prepared statements get one generic plan, made before any parameter value is known: parameters
+# are cast, and the fixed states are literals so that the partial indexes' predicates still match.
 _PICK_NODES_TEMPLATE = """
 SELECT d.topology_domain, picked.ids
 FROM (SELECT DISTINCT topology_domain FROM inventory_node
-      WHERE gpu_model_id = %(model)s AND status = %(available)s AND cluster_id = {cluster}
+      WHERE gpu_model_id = {model} AND status = '{available}' AND cluster_id = {cluster} AND {whole}
       ORDER BY topology_domain) d
 CROSS JOIN LATERAL (
   SELECT array_agg(s.id) AS ids FROM (
     SELECT n.id FROM inventory_node n
-    WHERE n.gpu_model_id = %(model)s AND n.status = %(available)s AND n.cluster_id = {cluster}
-      AND n.topology_domain = d.topology_domain AND n.health <> %(unhealthy)s
+    WHERE n.gpu_model_id = {model} AND n.status = '{available}' AND n.cluster_id = {cluster}
+      AND n.topology_domain = d.topology_domain AND n.health <> '{unhealthy}'
       AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
-                      WHERE a.node_id = n.id AND a.state <> %(cancelled)s
-                        AND a.starts_at < %(padded_end)s AND a.blocked_until > %(start)s)
+                      WHERE a.node_id = n.id AND a.state <> '{cancelled}'
+                        AND a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz)
       AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
                       WHERE m.node_id = n.id AND m.cancelled_at IS NULL
-                        AND m.starts_at < %(padded_end)s AND m.ends_at > %(start)s)
+                        AND m.starts_at < %(padded_end)s::timestamptz AND m.ends_at > %(start)s::timestamptz)
     ORDER BY random()
-    LIMIT %(nodes)s
+    LIMIT {nodes}
     FOR NO KEY UPDATE OF n SKIP LOCKED
   ) s
 ) picked
-WHERE cardinality(picked.ids) = %(nodes)s
+WHERE cardinality(picked.ids) = {nodes}
 ORDER BY d.topology_domain
 LIMIT 1
 """
 
-_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace("{cluster}", "%(cluster)s")
+_PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{available}", Node.Status.AVAILABLE.value).replace(
+    "{unhealthy}", Node.Health.UNHEALTHY.value).replace("{cancelled}", Allocation.State.CANCELLED.value)
+_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.format(
+    model="%(model)s::bigint", cluster="%(cluster)s::bigint", nodes="%(nodes)s::int", whole="true")
 
-# The tenant row locked, every priced cluster ranked cheapest first then by name (COLLATE "C": the
-# code-point order of selectors.priced_clusters), and the pick in the first of them; one row per
-# cluster (one row with NULL cluster columns if none), the pick on the first row.
+# The tenant row locked, the model and region looked up by name, every priced cluster ranked
+# cheapest first then by name (COLLATE "C": the code-point order of selectors.priced_clusters), and
+# the pick in the first of them; one row per cluster (one row with NULL cluster columns if none),
+# the pick on the first row. No pick unless the GPUs make whole nodes of the model.
 _TENANT_PRICES_AND_PICK_SQL = """
 WITH tenant AS (
-  SELECT slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s FOR UPDATE
+  SELECT slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s::bigint FOR UPDATE
+), model AS MATERIALIZED (
+  SELECT id, vendor, memory_gb, gpus_per_node, %(gpus)s::int / gpus_per_node AS nodes,
+         %(gpus)s::int > 0 AND %(gpus)s::int %% gpus_per_node = 0 AS whole
+  FROM inventory_gpumodel WHERE name = %(model_name)s::text
+), region AS MATERIALIZED (
+  SELECT id FROM inventory_region WHERE code = %(region_code)s::text
 ), priced AS MATERIALIZED (
   SELECT c.id, c.name, r.code, p.price_per_gpu_hour, p.currency,
          row_number() OVER (ORDER BY p.price_per_gpu_hour, c.name COLLATE "C") AS rank
   FROM inventory_cluster c
   JOIN inventory_region r ON r.id = c.region_id
-  JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = %(model)s
-  WHERE c.status = %(active)s AND (%(region)s::bigint IS NULL OR c.region_id = %(region)s::bigint)
-), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.replace("{cluster}", "(SELECT id FROM priced WHERE rank = 1)") + """)
-SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, c.id, c.name, c.code, c.price_per_gpu_hour, c.currency,
-       pick.topology_domain, pick.ids
+  JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = (SELECT id FROM model)
+  WHERE c.status = '""" + Cluster.Status.ACTIVE.value + """' AND (%(region_code)s::text IS NULL OR c.region_id = (SELECT id FROM region))
+), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.format(
+    model="(SELECT id FROM model)", cluster="(SELECT id FROM priced WHERE rank = 1)",
+    nodes="(SELECT nodes FROM model)", whole="(SELECT whole FROM model)") + """)
+SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, m.id, m.vendor, m.memory_gb, m.gpus_per_node,
+       (SELECT id FROM region), c.id, c.name, c.code, c.price_per_gpu_hour, c.currency, pick.topology_domain, pick.ids
 FROM tenant t
+LEFT JOIN model m ON true
 LEFT JOIN priced c ON true
 LEFT JOIN pick ON c.rank = 1
 ORDER BY c.rank
@@ -370,35 +381,42 @@ HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals
 
 # Everything a booking writes, in one statement; the main SELECT reads the tenant's held GPUs for the
 # quota check (it runs after the tenant lock, so it sees every committed booking of the tenant, and
-# it does not see this one). Audit rows keep their order (create, then the transition).
+# it does not see this one). Audit rows keep their order (create, then the transition). The window
+# test is a range overlap, which the status index cannot serve: with a plain starts_at condition
+# the generic plan ANDs in a scan of that index over every holding reservation of the fleet.
 _INSERT_BOOKING_SQL = f"""
 WITH reservation AS (
   INSERT INTO reservations_reservation (id, tenant_id, created_by_id, gpu_model_id, cluster_id, gpus, same_domain,
       starts_at, ends_at, status, status_reason, status_changed_at, currency, unit_price, total_price,
       idempotency_key, request_fingerprint, readiness, ready_at, end_notice_at, released_at, created_at, updated_at)
-  VALUES (%(id)s, %(tenant)s, %(created_by)s, %(model)s, %(cluster)s, %(gpus)s, %(same_domain)s, %(start)s, %(end)s,
-      %(status)s, %(status_reason)s, %(now)s, %(currency)s, %(unit_price)s, %(total_price)s, %(idempotency_key)s,
-      %(fingerprint)s, NULL, NULL, NULL, NULL, %(now)s, %(now)s)
+  VALUES (%(id)s::uuid, %(tenant)s::bigint, %(created_by)s::int, %(model)s::bigint, %(cluster)s::bigint,
+      %(gpus)s::int, %(same_domain)s::bool, %(start)s::timestamptz, %(end)s::timestamptz, %(status)s::text,
+      %(status_reason)s::text, %(now)s::timestamptz, %(currency)s::text, %(unit_price)s::numeric,
+      %(total_price)s::numeric, %(idempotency_key)s::text, %(fingerprint)s::text, NULL, NULL, NULL, NULL,
+      %(now)s::timestamptz, %(now)s::timestamptz)
 ), allocation AS (
   INSERT INTO reservations_allocation (reservation_id, node_id, starts_at, ends_at, blocked_until, state, created_at)
-  SELECT %(id)s, node_id, %(start)s, %(end)s, %(blocked_until)s, %(allocation_state)s, %(now)s
+  SELECT %(id)s::uuid, node_id, %(start)s::timestamptz, %(end)s::timestamptz, %(blocked_until)s::timestamptz,
+         %(allocation_state)s::text, %(now)s::timestamptz
   FROM unnest(%(nodes)s::bigint[]) AS node_id
 ), event AS (
   INSERT INTO reservations_reservationevent (reservation_id, kind, due_at, status, attempts, claimed_at, claimed_by,
       done_at, last_error)
-  SELECT %(id)s, kind, due_at, %(event_status)s, 0, NULL, '', NULL, ''
+  SELECT %(id)s::uuid, kind, due_at, %(event_status)s::text, 0, NULL, '', NULL, ''
   FROM unnest(%(event_kinds)s::text[], %(event_due)s::timestamptz[]) AS e(kind, due_at)
 ), audit AS (
   INSERT INTO core_auditlog (at, actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message)
-  SELECT %(now)s, actor_user_id, actor, tenant_id, action, object_type, object_id, before::jsonb, after::jsonb, message
-  FROM unnest(%(audit_actor_user)s::bigint[], %(audit_actor)s::text[], %(audit_tenant)s::bigint[],
+  SELECT %(now)s::timestamptz, actor_user_id, actor, tenant_id, action, object_type, object_id, before::jsonb,
+         after::jsonb, message
+  FROM unnest(%(audit_actor_user)s::int[], %(audit_actor)s::text[], %(audit_tenant)s::bigint[],
               %(audit_action)s::text[], %(audit_object_type)s::text[], %(audit_object_id)s::text[],
               %(audit_before)s::text[], %(audit_after)s::text[], %(audit_message)s::text[])
        WITH ORDINALITY AS a(actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message, n)
   ORDER BY n
 )
 SELECT starts_at, ends_at, gpus FROM reservations_reservation
-WHERE tenant_id = %(tenant)s AND status IN ({HOLDING_SQL}) AND starts_at < %(end)s AND ends_at > %(start)s
+WHERE tenant_id = %(tenant)s::bigint AND status IN ({HOLDING_SQL}) AND ends_at > %(start)s::timestamptz
+  AND tstzrange(starts_at, ends_at, '[)') && tstzrange(%(start)s::timestamptz, %(end)s::timestamptz, '[)')
 """
 
 
@@ -406,22 +424,24 @@ def _json(value: dict | None) -> str | None:
     return None if value is None else json.dumps(value)
 
 
-def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, region: Region | None, gpus: int,
-                          nodes: int, start: datetime, end: datetime, same_domain: bool, idempotency_key: str,
-                          fingerprint: str, enforce: bool) -> BookingResult:
+def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
+                          start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
+                          enforce: bool) -> BookingResult:
+    """One booking attempt, inside the caller's transaction, in two prepared statements (PostgreSQL)."""
     padded_end = end + selectors.cleaning_gap()
-    pick_params = {"model": model.pk, "available": Node.Status.AVAILABLE.value, "unhealthy": Node.Health.UNHEALTHY.value,
-                   "cancelled": Allocation.State.CANCELLED.value, "start": start, "padded_end": padded_end,
-                   "nodes": nodes}
-    with connection.cursor() as cursor:
-        # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
-        cursor.execute(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
-            "tenant": tenant.pk, "active": Cluster.Status.ACTIVE.value,
-            "region": region.pk if region is not None else None})
-        rows = cursor.fetchall()
+    pick_params = {"start": start, "padded_end": padded_end}
+    # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
+    rows = fetch_prepared(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
+        "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code})
     if not rows:
         raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
-    slug, billing_status, quota, is_active = rows[0][:4]
+    slug, billing_status, quota, is_active, model_id, vendor, memory_gb, gpus_per_node, region_id = rows[0][:9]
+    if model_id is None:
+        selectors.gpu_model_by_name(model_name)  # raises: no such model, naming the known ones
+    if region_code and region_id is None:
+        selectors.region_by_code(region_code)  # raises: no such region
+    nodes = policies.check_gpus(gpus=gpus, gpus_per_node=gpus_per_node, model_name=model_name)
+    model = GpuModel(id=model_id, name=model_name, vendor=vendor, memory_gb=memory_gb, gpus_per_node=gpus_per_node)
     locked = Tenant(pk=tenant.pk, slug=slug, billing_status=billing_status, gpu_quota=quota, is_active=is_active)
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
         return replay
@@ -433,16 +453,16 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
                              end=end, gpus=gpus, enforce=enforce)
 
     plan = None
-    for index, (cluster_id, cluster_name, region_code, price, currency, domain, node_ids) in enumerate(
-            row[4:] for row in rows if row[4] is not None):
+    for index, (cluster_id, cluster_name, region, price, currency, domain, node_ids) in enumerate(
+            row[9:] for row in rows if row[9] is not None):
         if index > 0:
-            with connection.cursor() as cursor:
-                cursor.execute(_PICK_NODES_SQL, pick_params | {"cluster": cluster_id})
-                domain, node_ids = cursor.fetchone() or (None, None)
+            picked = fetch_prepared(_PICK_NODES_SQL, pick_params | {"model": model_id, "cluster": cluster_id,
+                                                                    "nodes": nodes})
+            domain, node_ids = picked[0] if picked else (None, None)
         if domain is None:
             continue
         offer = selectors.Offer(
-            region=region_code, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
+            region=region, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
             same_domain=True, domains=(domain,), unit_price=price, currency=currency, start=start, end=end,
             total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
         )
@@ -450,7 +470,8 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         break
     if plan is None:
         # No single domain fits: the full search says why, or offers nodes across domains.
-        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region,
+        region_row = selectors.region_by_code(region_code)
+        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region_row,
                                               same_domain=same_domain)
         if not found.offers:
             check_quota()
@@ -472,7 +493,6 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         unit_price=offer.unit_price, total_price=offer.total_price, idempotency_key=idempotency_key,
         request_fingerprint=fingerprint, status_changed_at=now, created_at=now, updated_at=now,
     )
-    blocked_until = end + selectors.cleaning_gap()
     due = reservation_event_due_times(reservation)
     audit = [
         audit_entry(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
@@ -481,24 +501,22 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model: GpuModel, regi
         _transition_entry(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
                           reason=CONFIRMED_REASON),
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(_INSERT_BOOKING_SQL, {
-            "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model.pk,
-            "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
-            "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
-            "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
-            "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": blocked_until,
-            "allocation_state": Allocation.State.ACTIVE.value, "nodes": node_ids,
-            "event_status": ReservationEvent.Status.PENDING.value,
-            "event_kinds": [str(kind) for kind in due], "event_due": list(due.values()),
-            "audit_actor_user": [row.actor_user_id for row in audit], "audit_actor": [row.actor for row in audit],
-            "audit_tenant": [row.tenant_id for row in audit], "audit_action": [row.action for row in audit],
-            "audit_object_type": [row.object_type for row in audit],
-            "audit_object_id": [row.object_id for row in audit],
-            "audit_before": [_json(row.before) for row in audit], "audit_after": [_json(row.after) for row in audit],
-            "audit_message": [row.message for row in audit],
-        })
-        held = cursor.fetchall()
+    held = fetch_prepared(_INSERT_BOOKING_SQL, {
+        "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model_id,
+        "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
+        "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
+        "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
+        "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": padded_end,
+        "allocation_state": Allocation.State.ACTIVE.value, "nodes": node_ids,
+        "event_status": ReservationEvent.Status.PENDING.value,
+        "event_kinds": [str(kind) for kind in due], "event_due": list(due.values()),
+        "audit_actor_user": [row.actor_user_id for row in audit], "audit_actor": [row.actor for row in audit],
+        "audit_tenant": [row.tenant_id for row in audit], "audit_action": [row.action for row in audit],
+        "audit_object_type": [row.object_type for row in audit],
+        "audit_object_id": [row.object_id for row in audit],
+        "audit_before": [_json(row.before) for row in audit], "audit_after": [_json(row.after) for row in audit],
+        "audit_message": [row.message for row in audit],
+    })
     policies.check_quota(tenant=locked, held=held, start=start, end=end, gpus=gpus, enforce=enforce)
     reservation._state.adding = False
     reservation._state.db = connection.alias
