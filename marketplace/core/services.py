@@ -28,6 +28,31 @@ class Actor:
 SYSTEM = Actor("system")
 
 
+def audit_values(
+    *,
+    actor: Actor,
+    action: str,
+    obj: models.Model,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    tenant: Any = None,
+    tenant_id: int | None = None,
+    message: str = "",
+) -> dict[str, Any]:
+    """The column values of the audit row for a change (all but ``at``), for callers that write it themselves."""
+    return {
+        "actor": actor.label,
+        "actor_user_id": actor.user.pk if actor.user is not None and actor.user.pk else None,
+        "tenant_id": tenant.pk if tenant is not None else tenant_id,
+        "action": action,
+        "object_type": obj._meta.label_lower,
+        "object_id": str(obj.pk),
+        "before": before,
+        "after": after,
+        "message": message,
+    }
+
+
 def audit_entry(
     *,
     actor: Actor,
@@ -40,17 +65,8 @@ def audit_entry(
     message: str = "",
 ) -> AuditLog:
     """The audit row for a change, not yet saved: for callers that insert several rows at once."""
-    return AuditLog(
-        actor=actor.label,
-        actor_user=actor.user if actor.user is not None and actor.user.pk else None,
-        tenant_id=tenant.pk if tenant is not None else tenant_id,
-        action=action,
-        object_type=obj._meta.label_lower,
-        object_id=str(obj.pk),
-        before=before,
-        after=after,
-        message=message,
-    )
+    return AuditLog(**audit_values(actor=actor, action=action, obj=obj, before=before, after=after, tenant=tenant,
+                                   tenant_id=tenant_id, message=message))
 
 
 def audit_record(

@@ -12,7 +12,7 @@ from django.utils import timezone
 from marketplace.core.db import fetch_prepared
 from marketplace.core.exceptions import Conflict, InvalidInput
 from marketplace.core.models import AuditLog
-from marketplace.core.services import Actor, audit_entry, audit_record
+from marketplace.core.services import Actor, audit_record, audit_values
 from marketplace.inventory.models import Cluster, GpuModel, Node, Region
 from marketplace.reservations import money, policies, selectors
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
@@ -39,14 +39,14 @@ class IdempotencyKeyReused(Conflict):
     code = "idempotency_key_reused"
 
 
-def _transition_entry(*, reservation: Reservation, current: str, to: str, actor: Actor, reason: str) -> AuditLog:
-    """The transition table's verdict on ``current`` → ``to``, and the audit row that records it."""
+def _transition_audit(*, reservation: Reservation, current: str, to: str, actor: Actor, reason: str) -> dict:
+    """The transition table's verdict on ``current`` → ``to``, and the values of the audit row that records it."""
     if not can_transition(current, to):
         raise IllegalTransition(
             f"A {current} reservation cannot become {to}.",
             fields={"status": [f"{current} → {to} is not allowed"]},
         )
-    return audit_entry(
+    return audit_values(
         actor=actor, action=f"reservation.{to}", obj=reservation, tenant_id=reservation.tenant_id,
         before={"status": current}, after={"status": to, "reason": reason},
     )
@@ -61,7 +61,7 @@ def reservation_transition(*, reservation: Reservation, to: str, actor: Actor, r
     with transaction.atomic():
         locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
         current = locked.status
-        entry = _transition_entry(reservation=locked, current=current, to=to, actor=actor, reason=reason)
+        entry = AuditLog(**_transition_audit(reservation=locked, current=current, to=to, actor=actor, reason=reason))
         now = timezone.now()
         Reservation.objects.filter(pk=locked.pk).update(
             status=to, status_reason=reason, status_changed_at=now, updated_at=now
@@ -384,7 +384,7 @@ HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals
 # it does not see this one). Audit rows keep their order (create, then the transition). The window
 # test is a range overlap, which the status index cannot serve: with a plain starts_at condition
 # the generic plan ANDs in a scan of that index over every holding reservation of the fleet.
-_INSERT_BOOKING_SQL = f"""
+_INSERT_BOOKING_SQL = """
 WITH reservation AS (
   INSERT INTO reservations_reservation (id, tenant_id, created_by_id, gpu_model_id, cluster_id, gpus, same_domain,
       starts_at, ends_at, status, status_reason, status_changed_at, currency, unit_price, total_price,
@@ -397,31 +397,27 @@ WITH reservation AS (
 ), allocation AS (
   INSERT INTO reservations_allocation (reservation_id, node_id, starts_at, ends_at, blocked_until, state, created_at)
   SELECT %(id)s::uuid, node_id, %(start)s::timestamptz, %(end)s::timestamptz, %(blocked_until)s::timestamptz,
-         %(allocation_state)s::text, %(now)s::timestamptz
+         '{ALLOCATION_ACTIVE}', %(now)s::timestamptz
   FROM unnest(%(nodes)s::bigint[]) AS node_id
 ), event AS (
   INSERT INTO reservations_reservationevent (reservation_id, kind, due_at, status, attempts, claimed_at, claimed_by,
       done_at, last_error)
-  SELECT %(id)s::uuid, kind, due_at, %(event_status)s::text, 0, NULL, '', NULL, ''
-  FROM unnest(%(event_kinds)s::text[], %(event_due)s::timestamptz[]) AS e(kind, due_at)
+  SELECT %(id)s::uuid, kind, due_at, '{EVENT_PENDING}', 0, NULL, '', NULL, ''
+  FROM (VALUES {EVENT_ROWS}) AS e(kind, due_at)
 ), audit AS (
   INSERT INTO core_auditlog (at, actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message)
-  SELECT %(now)s::timestamptz, actor_user_id, actor, tenant_id, action, object_type, object_id, before::jsonb,
-         after::jsonb, message
-  FROM unnest(%(audit_actor_user)s::int[], %(audit_actor)s::text[], %(audit_tenant)s::bigint[],
-              %(audit_action)s::text[], %(audit_object_type)s::text[], %(audit_object_id)s::text[],
-              %(audit_before)s::text[], %(audit_after)s::text[], %(audit_message)s::text[])
-       WITH ORDINALITY AS a(actor_user_id, actor, tenant_id, action, object_type, object_id, before, after, message, n)
-  ORDER BY n
+  SELECT %(now)s::timestamptz, (a.row->>'actor_user_id')::int, a.row->>'actor', (a.row->>'tenant_id')::bigint,
+         a.row->>'action', a.row->>'object_type', a.row->>'object_id', NULLIF(a.row->'before', 'null'),
+         NULLIF(a.row->'after', 'null'), a.row->>'message'
+  FROM jsonb_array_elements(%(audit)s::jsonb) WITH ORDINALITY AS a(row, n)
+  ORDER BY a.n
 )
 SELECT starts_at, ends_at, gpus FROM reservations_reservation
 WHERE tenant_id = %(tenant)s::bigint AND status IN ({HOLDING_SQL}) AND ends_at > %(start)s::timestamptz
   AND tstzrange(starts_at, ends_at, '[)') && tstzrange(%(start)s::timestamptz, %(end)s::timestamptz, '[)')
-"""
-
-
-def _json(value: dict | None) -> str | None:
-    return None if value is None else json.dumps(value)
+""".replace("{HOLDING_SQL}", HOLDING_SQL).replace("{ALLOCATION_ACTIVE}", Allocation.State.ACTIVE.value).replace(
+    "{EVENT_PENDING}", ReservationEvent.Status.PENDING.value).replace("{EVENT_ROWS}", ", ".join(
+        f"('{kind.value}', %(due_{kind.value})s::timestamptz)" for kind in ReservationEvent.Kind))
 
 
 def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
@@ -495,27 +491,21 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
     )
     due = reservation_event_due_times(reservation)
     audit = [
-        audit_entry(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
-                    after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
-                                              end=end, enforce=enforce)),
-        _transition_entry(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
+        audit_values(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
+                     after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
+                                               end=end, enforce=enforce)),
+        _transition_audit(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
                           reason=CONFIRMED_REASON),
     ]
+    # Arrays and rows travel as text (an array literal, one JSON document): psycopg dumps text in C.
     held = fetch_prepared(_INSERT_BOOKING_SQL, {
         "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model_id,
         "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
         "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
         "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
         "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": padded_end,
-        "allocation_state": Allocation.State.ACTIVE.value, "nodes": node_ids,
-        "event_status": ReservationEvent.Status.PENDING.value,
-        "event_kinds": [str(kind) for kind in due], "event_due": list(due.values()),
-        "audit_actor_user": [row.actor_user_id for row in audit], "audit_actor": [row.actor for row in audit],
-        "audit_tenant": [row.tenant_id for row in audit], "audit_action": [row.action for row in audit],
-        "audit_object_type": [row.object_type for row in audit],
-        "audit_object_id": [row.object_id for row in audit],
-        "audit_before": [_json(row.before) for row in audit], "audit_after": [_json(row.after) for row in audit],
-        "audit_message": [row.message for row in audit],
+        "nodes": "{" + ",".join(map(str, node_ids)) + "}", "audit": json.dumps(audit),
+        **{f"due_{kind}": due_at for kind, due_at in due.items()},
     })
     policies.check_quota(tenant=locked, held=held, start=start, end=end, gpus=gpus, enforce=enforce)
     reservation._state.adding = False
