@@ -22,7 +22,9 @@ class Reservation(models.Model):
                                db_index=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     gpu_model = models.ForeignKey("inventory.GpuModel", on_delete=models.PROTECT, related_name="+")
-    cluster = models.ForeignKey("inventory.Cluster", on_delete=models.PROTECT, related_name="reservations")
+    # Indexed by reservation_cluster_recent_idx (cluster first).
+    cluster = models.ForeignKey("inventory.Cluster", on_delete=models.PROTECT, related_name="reservations",
+                                db_index=False)
     gpus = models.PositiveIntegerField()
     same_domain = models.BooleanField(default=False)
     starts_at = models.DateTimeField()
@@ -75,6 +77,8 @@ class Reservation(models.Model):
         indexes = [
             models.Index(fields=["tenant", "-starts_at"], name="reservation_tenant_start_idx"),
             models.Index(fields=["status", "starts_at"], name="reservation_status_start_idx"),
+            # A cluster's latest bookings: where a booking's walk over the topology domains starts.
+            models.Index(fields=["cluster", "gpu_model", "-created_at"], name="reservation_cluster_recent_idx"),
             # The quota check reads a tenant's holding reservations that end after a moment; the
             # condition keeps years of completed history out of that index.
             models.Index(

@@ -312,13 +312,42 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
 # window take disjoint nodes. The busy test is selectors.free_nodes' (allocations blocked in
 # [start, end + cleaning gap), non-cancelled maintenance windows), written for one node at a time.
+#
+# First fit packs a window's bookings into the first domains, so a walk from the first domain
+# re-probes every domain already full in that window, node by node: as a window fills, that walk
+# was most of a booking's cost. The walk starts instead at the domain of the cluster's latest
+# booking overlapping the window (among its 64 latest bookings of the model), which first fit has
+# just reached, and wraps round to the first domains after the last one, so every domain is still
+# tried. Domains before the start are full for that booking's window, or it would have taken them.
+#
+# Concurrent bookings of one window would all start at that domain and take each other's nodes
+# (SKIP LOCKED, then lost races): the first WALK_SPREAD_DOMAINS domains from it are tried in random
+# order, which spreads them at the cost of packing only those few domains out of order. The first
+# booking of a window (no latest booking overlaps it) is plain first fit from the first domain.
+#
 # Prepared statements get one generic plan, made before any parameter value is known: parameters
 # are cast, and the fixed states are literals so that the partial indexes' predicates still match.
+WALK_SPREAD_DOMAINS = 4
 _PICK_NODES_TEMPLATE = """
 SELECT d.topology_domain, picked.ids
-FROM (SELECT DISTINCT topology_domain FROM inventory_node
-      WHERE gpu_model_id = {model} AND status = '{available}' AND cluster_id = {cluster} AND {whole}
-      ORDER BY topology_domain) d
+FROM (SELECT topology_domain,
+             CASE WHEN hint IS NOT NULL AND position < {spread} THEN random() * {spread} ELSE position END
+               AS walk_order
+      FROM (SELECT topology_domain, hint,
+                   row_number() OVER (ORDER BY topology_domain < COALESCE(hint, ''), topology_domain) - 1 AS position
+            FROM (SELECT DISTINCT topology_domain FROM inventory_node
+                  WHERE gpu_model_id = {model} AND status = '{available}' AND cluster_id = {cluster}
+                    AND {whole}) domains
+            CROSS JOIN (SELECT (
+              SELECT n.topology_domain
+              FROM (SELECT r.id, r.created_at FROM reservations_reservation r
+                    WHERE r.cluster_id = {cluster} AND r.gpu_model_id = {model}
+                    ORDER BY r.created_at DESC LIMIT 64) latest
+              JOIN reservations_allocation a ON a.reservation_id = latest.id
+              JOIN inventory_node n ON n.id = a.node_id
+              WHERE a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz
+              ORDER BY latest.created_at DESC LIMIT 1) AS hint) latest_booking) ranked
+      ORDER BY walk_order) d
 CROSS JOIN LATERAL (
   SELECT array_agg(s.id) AS ids FROM (
     SELECT n.id FROM inventory_node n
@@ -336,12 +365,13 @@ CROSS JOIN LATERAL (
   ) s
 ) picked
 WHERE cardinality(picked.ids) = {nodes}
-ORDER BY d.topology_domain
+ORDER BY d.walk_order
 LIMIT 1
 """
 
 _PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{available}", Node.Status.AVAILABLE.value).replace(
-    "{unhealthy}", Node.Health.UNHEALTHY.value).replace("{cancelled}", Allocation.State.CANCELLED.value)
+    "{unhealthy}", Node.Health.UNHEALTHY.value).replace("{cancelled}", Allocation.State.CANCELLED.value).replace(
+    "{spread}", str(WALK_SPREAD_DOMAINS))
 _PICK_NODES_SQL = _PICK_NODES_TEMPLATE.format(
     model="%(model)s::bigint", cluster="%(cluster)s::bigint", nodes="%(nodes)s::int", whole="true")
 

@@ -12,6 +12,7 @@ from marketplace.reservations import selectors, services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.services import InsufficientCapacity
+from marketplace.inventory.models import Node
 from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
 from tests.reservations.conftest import at
 
@@ -149,3 +150,20 @@ def test_the_postgresql_insert_names_every_column(model):
     expected = {field.column for field in model._meta.concrete_fields if not (field.primary_key and field.column == "id"
                                                                                 and model is not Reservation)}
     assert named == expected
+
+
+@pytest.mark.postgres_only
+def test_a_window_s_later_bookings_start_near_the_latest_one_and_still_reach_every_domain(fleet, tenant, actor):
+    # given six more one-node domains, named to sort after ib-a and ib-b
+    for index in range(6):
+        NodeFactory(name=f"z{index}", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain=f"ib-z{index}")
+    # when one-node bookings of one window take every node, the first by plain first fit
+    first = book(tenant, actor, gpus=8).reservation
+    later = [book(tenant, actor, gpus=8).reservation for _ in range(11)]
+    # then the first went to the first domain, and the walk, starting near the latest booking's
+    # domain and wrapping round, found every free node (12 nodes) before refusing
+    assert {a.node.topology_domain for a in first.allocations.select_related("node")} == {"ib-a"}
+    booked = Allocation.objects.filter(reservation__in=[first, *later]).values_list("node__name", flat=True)
+    assert sorted(booked) == sorted(node.name for node in Node.objects.all())
+    with pytest.raises(InsufficientCapacity):
+        book(tenant, actor, gpus=8)
