@@ -16,7 +16,8 @@ class AuditLog(models.Model):
     # Indexed by audit_tenant_at_idx (tenant first): every change writes audit rows, so no spare index.
     tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
                                db_index=False)
-    action = models.CharField(max_length=100, db_index=True)
+    # One index serves both equality and prefix filters (audit_action_idx), not Django's usual two.
+    action = models.CharField(max_length=100)
     object_type = models.CharField(max_length=100)
     object_id = models.CharField(max_length=64)
     before = models.JSONField(null=True, blank=True)
@@ -30,6 +31,7 @@ class AuditLog(models.Model):
         indexes = [
             models.Index(fields=["object_type", "object_id"], name="audit_object_idx"),
             models.Index(fields=["tenant", "-at"], name="audit_tenant_at_idx"),
+            models.Index(fields=["action"], name="audit_action_idx", opclasses=["varchar_pattern_ops"]),
         ]
 
     def __str__(self) -> str:

@@ -325,29 +325,36 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # order, which spreads them at the cost of packing only those few domains out of order. The first
 # booking of a window (no latest booking overlaps it) is plain first fit from the first domain.
 #
+# The walk is three lazy index scans of the domain names, appended in that order (the spread few,
+# the rest from the start, then those before it); the nested loop keeps that order and LIMIT 1 stops
+# at the first domain that fits, so only the domains walked are read. Without an ORDER BY at the
+# top, SQL would allow any fitting domain: only the packing preference rests on that order.
+#
 # Prepared statements get one generic plan, made before any parameter value is known: parameters
 # are cast, and the fixed states are literals so that the partial indexes' predicates still match.
 WALK_SPREAD_DOMAINS = 4
 _PICK_NODES_TEMPLATE = """
+WITH start AS MATERIALIZED (
+  SELECT COALESCE(hint, '') AS domain, hint IS NOT NULL AS spread FROM (SELECT (
+    SELECT n.topology_domain
+    FROM (SELECT r.id, r.created_at FROM reservations_reservation r
+          WHERE r.cluster_id = {cluster} AND r.gpu_model_id = {model}
+          ORDER BY r.created_at DESC LIMIT 64) latest
+    JOIN reservations_allocation a ON a.reservation_id = latest.id
+    JOIN inventory_node n ON n.id = a.node_id
+    WHERE a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz
+    ORDER BY latest.created_at DESC LIMIT 1) AS hint) latest_booking
+)
 SELECT d.topology_domain, picked.ids
-FROM (SELECT topology_domain,
-             CASE WHEN hint IS NOT NULL AND position < {spread} THEN random() * {spread} ELSE position END
-               AS walk_order
-      FROM (SELECT topology_domain, hint,
-                   row_number() OVER (ORDER BY topology_domain < COALESCE(hint, ''), topology_domain) - 1 AS position
-            FROM (SELECT DISTINCT topology_domain FROM inventory_node
-                  WHERE gpu_model_id = {model} AND status = '{available}' AND cluster_id = {cluster}
-                    AND {whole}) domains
-            CROSS JOIN (SELECT (
-              SELECT n.topology_domain
-              FROM (SELECT r.id, r.created_at FROM reservations_reservation r
-                    WHERE r.cluster_id = {cluster} AND r.gpu_model_id = {model}
-                    ORDER BY r.created_at DESC LIMIT 64) latest
-              JOIN reservations_allocation a ON a.reservation_id = latest.id
-              JOIN inventory_node n ON n.id = a.node_id
-              WHERE a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz
-              ORDER BY latest.created_at DESC LIMIT 1) AS hint) latest_booking) ranked
-      ORDER BY walk_order) d
+FROM (
+  (SELECT topology_domain FROM ({domains} AND topology_domain >= (SELECT domain FROM start)
+                                ORDER BY topology_domain LIMIT {spread}) first_few
+   ORDER BY CASE WHEN (SELECT spread FROM start) THEN random() END, topology_domain)
+  UNION ALL
+  ({domains} AND topology_domain >= (SELECT domain FROM start) ORDER BY topology_domain OFFSET {spread})
+  UNION ALL
+  ({domains} AND topology_domain < (SELECT domain FROM start) ORDER BY topology_domain)
+) d
 CROSS JOIN LATERAL (
   SELECT array_agg(s.id) AS ids FROM (
     SELECT n.id FROM inventory_node n
@@ -365,13 +372,14 @@ CROSS JOIN LATERAL (
   ) s
 ) picked
 WHERE cardinality(picked.ids) = {nodes}
-ORDER BY d.walk_order
 LIMIT 1
 """
 
-_PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{available}", Node.Status.AVAILABLE.value).replace(
-    "{unhealthy}", Node.Health.UNHEALTHY.value).replace("{cancelled}", Allocation.State.CANCELLED.value).replace(
-    "{spread}", str(WALK_SPREAD_DOMAINS))
+_DOMAINS = """SELECT DISTINCT topology_domain FROM inventory_node
+      WHERE gpu_model_id = {model} AND status = '{available}' AND cluster_id = {cluster} AND {whole}"""
+_PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).replace(
+    "{available}", Node.Status.AVAILABLE.value).replace("{unhealthy}", Node.Health.UNHEALTHY.value).replace(
+    "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS))
 _PICK_NODES_SQL = _PICK_NODES_TEMPLATE.format(
     model="%(model)s::bigint", cluster="%(cluster)s::bigint", nodes="%(nodes)s::int", whole="true")
 
