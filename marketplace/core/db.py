@@ -17,32 +17,28 @@ class TsTzRange(models.Func):
     output_field = DateTimeRangeField()
 
 
-class PostgresOnlyAddConstraint(AddConstraint):
+class _PostgresOnly:
+    """A migration operation that changes the schema on PostgreSQL only (the state everywhere)."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)
+
+
+class PostgresOnlyAddConstraint(_PostgresOnly, AddConstraint):
     """Adds a constraint that only PostgreSQL can express (exclusion over ranges).
 
     On SQLite, write transactions are serialised instead (transaction_mode IMMEDIATE), so the
     booking service's own overlap check runs alone.
     """
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
 
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
-
-
-class PostgresOnlyRemoveConstraint(RemoveConstraint):
+class PostgresOnlyRemoveConstraint(_PostgresOnly, RemoveConstraint):
     """Removes a constraint that PostgresOnlyAddConstraint added (nothing to do elsewhere)."""
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
 
 
 def fetch_prepared(sql: str, params: dict[str, Any]) -> list[tuple]:
