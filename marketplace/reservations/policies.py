@@ -132,13 +132,18 @@ def peak_concurrent_gpus(periods: list[tuple[datetime, datetime, int]]) -> int:
     return peak
 
 
-def check_quota(*, tenant, held: list[tuple[datetime, datetime, int]], start: datetime, end: datetime,
-                gpus: int, enforce: bool = True) -> None:
-    """The tenant's concurrent GPUs over [start, end), with this request, stay within its quota."""
+def held_peak_gpus(*, held: list[tuple[datetime, datetime, int]], start: datetime, end: datetime) -> int:
+    """Most GPUs these held periods (start, end, gpus) hold at one instant within [start, end)."""
+    return peak_concurrent_gpus([(max(s, start), min(e, end), g) for s, e, g in held if s < end and e > start])
+
+
+def check_quota(*, tenant, held_peak: int, gpus: int, enforce: bool = True) -> None:
+    """The tenant's concurrent GPUs over a window stay within its quota with ``gpus`` more held
+    over the whole window; ``held_peak`` is the most it already holds at one instant in it."""
     if not enforce:
         return
-    clipped = [(max(s, start), min(e, end), g) for s, e, g in held if s < end and e > start]
-    peak = peak_concurrent_gpus(clipped + [(start, end, gpus)])
+    # The request spans the whole window, so it adds to every instant, the busiest one included.
+    peak = held_peak + gpus
     if peak > tenant.gpu_quota:
         raise QuotaExceeded(
             f"This would hold {peak} GPUs at once; tenant {tenant.slug}'s quota is {tenant.gpu_quota} concurrent GPUs.",

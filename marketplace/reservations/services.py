@@ -99,11 +99,12 @@ def _replay(*, tenant: Tenant, idempotency_key: str, fingerprint: str) -> Bookin
     return BookingResult(reservation=existing, created=False)
 
 
-def _held_gpus(*, tenant: Tenant, start: datetime, end: datetime, exclude_pk=None) -> list[tuple[datetime, datetime, int]]:
+def _held_peak(*, tenant: Tenant, start: datetime, end: datetime, exclude_pk=None) -> int:
+    """Most GPUs the tenant's holding reservations hold at one instant within [start, end)."""
     held = Reservation.objects.filter(tenant=tenant, status__in=HOLDING, starts_at__lt=end, ends_at__gt=start)
     if exclude_pk is not None:
         held = held.exclude(pk=exclude_pk)
-    return list(held.values_list("starts_at", "ends_at", "gpus"))
+    return policies.held_peak_gpus(held=list(held.values_list("starts_at", "ends_at", "gpus")), start=start, end=end)
 
 
 def reservation_event_due_times(reservation: Reservation) -> dict[str, datetime]:
@@ -259,8 +260,8 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
         return replay
     policies.check_tenant_standing(tenant=tenant, enforce=enforce)
-    policies.check_quota(tenant=tenant, held=_held_gpus(tenant=tenant, start=start, end=end), start=start, end=end,
-                         gpus=gpus, enforce=enforce)
+    policies.check_quota(tenant=tenant, held_peak=_held_peak(tenant=tenant, start=start, end=end), gpus=gpus,
+                         enforce=enforce)
     plan = _first_fit(model=model, region=region, nodes=nodes, start=start, end=end)
     if plan is None:
         # No single domain fits: the full search says why, or offers nodes across domains.
@@ -303,8 +304,9 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # region, read the priced clusters and, in the cheapest one, pick and lock the nodes of the first
 # topology domain that has enough free ones (further clusters, if it has none, one statement each);
 # (2) insert the reservation, its allocations, due events and audit rows in one statement that also
-# reads the tenant's held GPUs for the quota check. Every decision (unknown model or region, whole
-# nodes, standing, quota, money) is still made here in Python by the same policies; a refusal after
+# reads the most GPUs the tenant already holds in the window, for the quota check. Every decision
+# (unknown model or region, whole nodes, standing, quota, money) is still made here in Python by the
+# same policies; a refusal after
 # (1) or (2) rolls the whole transaction back, so nothing is half-written. The exclusion constraint
 # still decides races: a violation in (2) rolls back and reservation_create retries.
 
@@ -417,9 +419,10 @@ ORDER BY c.rank
 
 HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
 
-# Everything a booking writes, in one statement; the main SELECT reads the tenant's held GPUs for the
-# quota check (it runs after the tenant lock, so it sees every committed booking of the tenant, and
-# it does not see this one). Audit rows keep their order (create, then the transition). The window
+# Everything a booking writes, in one statement; the main SELECT reads the most GPUs the tenant already
+# holds at one instant of the window, for the quota check (policies.held_peak_gpus in SQL: periods
+# clipped to the window, a running sum over their edges, ends before starts at the same instant). It
+# runs after the tenant lock, so it sees every committed booking of the tenant, and not this one. Audit rows keep their order (create, then the transition). The window
 # test is a range overlap, which the status index cannot serve: with a plain starts_at condition
 # the generic plan ANDs in a scan of that index over every holding reservation of the fleet.
 _INSERT_BOOKING_SQL = """
@@ -450,9 +453,14 @@ WITH reservation AS (
   FROM jsonb_array_elements(%(audit)s::jsonb) WITH ORDINALITY AS a(row, n)
   ORDER BY a.n
 )
-SELECT starts_at, ends_at, gpus FROM reservations_reservation
-WHERE tenant_id = %(tenant)s::bigint AND status IN ({HOLDING_SQL}) AND ends_at > %(start)s::timestamptz
-  AND tstzrange(starts_at, ends_at, '[)') && tstzrange(%(start)s::timestamptz, %(end)s::timestamptz, '[)')
+SELECT COALESCE(max(held), 0) FROM (
+  SELECT sum(edge.gpus) OVER (ORDER BY edge.at, edge.gpus ROWS UNBOUNDED PRECEDING) AS held
+  FROM reservations_reservation r
+  CROSS JOIN LATERAL (VALUES (greatest(r.starts_at, %(start)s::timestamptz), r.gpus),
+                             (least(r.ends_at, %(end)s::timestamptz), -r.gpus)) AS edge(at, gpus)
+  WHERE r.tenant_id = %(tenant)s::bigint AND r.status IN ({HOLDING_SQL}) AND r.ends_at > %(start)s::timestamptz
+    AND tstzrange(r.starts_at, r.ends_at, '[)') && tstzrange(%(start)s::timestamptz, %(end)s::timestamptz, '[)')
+) edges
 """.replace("{HOLDING_SQL}", HOLDING_SQL).replace("{ALLOCATION_ACTIVE}", Allocation.State.ACTIVE.value).replace(
     "{EVENT_PENDING}", ReservationEvent.Status.PENDING.value).replace("{EVENT_ROWS}", ", ".join(
         f"('{kind.value}', %(due_{kind.value})s::timestamptz)" for kind in ReservationEvent.Kind))
@@ -483,8 +491,8 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
 
     def check_quota() -> None:
         # Before any capacity refusal, as the portable path does: a tenant over quota hears that first.
-        policies.check_quota(tenant=locked, held=_held_gpus(tenant=tenant, start=start, end=end), start=start,
-                             end=end, gpus=gpus, enforce=enforce)
+        policies.check_quota(tenant=locked, held_peak=_held_peak(tenant=tenant, start=start, end=end), gpus=gpus,
+                             enforce=enforce)
 
     plan = None
     for index, (cluster_id, cluster_name, region, price, currency, domain, node_ids) in enumerate(
@@ -536,7 +544,7 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
                           reason=CONFIRMED_REASON),
     ]
     # Arrays and rows travel as text (an array literal, one JSON document): psycopg dumps text in C.
-    held = fetch_prepared(_INSERT_BOOKING_SQL, {
+    [(held_peak,)] = fetch_prepared(_INSERT_BOOKING_SQL, {
         "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model_id,
         "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
         "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
@@ -545,7 +553,7 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
         "nodes": "{" + ",".join(map(str, node_ids)) + "}", "audit": json.dumps(audit),
         **{f"due_{kind}": due_at for kind, due_at in due.items()},
     })
-    policies.check_quota(tenant=locked, held=held, start=start, end=end, gpus=gpus, enforce=enforce)
+    policies.check_quota(tenant=locked, held_peak=held_peak, gpus=gpus, enforce=enforce)
     reservation._state.adding = False
     reservation._state.db = connection.alias
     return BookingResult(reservation=reservation, created=True)
@@ -603,9 +611,9 @@ def reservation_extend(*, actor: Actor, reservation: Reservation, end: datetime,
         policies.check_window(start=locked.starts_at, end=end, enforce=enforce_policies, now=now, extending=True)
         tenant = Tenant.objects.select_for_update().get(pk=locked.tenant_id)
         policies.check_tenant_standing(tenant=tenant, enforce=enforce_policies)
-        policies.check_quota(tenant=tenant, held=_held_gpus(tenant=tenant, start=locked.ends_at, end=end,
-                                                            exclude_pk=locked.pk),
-                             start=locked.ends_at, end=end, gpus=locked.gpus, enforce=enforce_policies)
+        policies.check_quota(tenant=tenant, held_peak=_held_peak(tenant=tenant, start=locked.ends_at, end=end,
+                                                                 exclude_pk=locked.pk),
+                             gpus=locked.gpus, enforce=enforce_policies)
         allocations = locked.allocations.filter(state=Allocation.State.ACTIVE)
         node_ids = list(allocations.values_list("node_id", flat=True))
         # Lock our nodes first: concurrent bookings (SKIP LOCKED) then leave them alone, and the

@@ -146,6 +146,22 @@ def test_quota_counts_concurrent_gpus(fleet, tenant, actor):
     assert "quota is 24" in refused.value.message
 
 
+def test_quota_counts_the_busiest_instant_and_touching_bookings_as_disjoint(fleet, tenant, actor):
+    # given a tenant holding 16 GPUs in [2, 4) and 16 more in [4, 7), back to back, with a quota of 32
+    tenant.gpu_quota = 32
+    tenant.save()
+    book(tenant, actor, gpus=16, start=at(2), end=at(4))
+    book(tenant, actor, gpus=16, start=at(4), end=at(7))
+    # when it books 16 across the boundary, it holds 32 at most: allowed
+    assert book(tenant, actor, gpus=16, start=at(3), end=at(5)).created
+    # then 8 more in [6, 8) meet only the second booking (24 at once): allowed
+    assert book(tenant, actor, gpus=8, start=at(6), end=at(8)).created
+    # and 8 more in [1, 4) would hold 40 in [3, 4): refused, with the peak named
+    with pytest.raises(QuotaExceeded) as refused:
+        book(tenant, actor, gpus=8, start=at(1), end=at(4))
+    assert "hold 40 GPUs at once" in refused.value.message
+
+
 @pytest.mark.parametrize("standing", [{"billing_status": "past_due"}, {"billing_status": "suspended"},
                                       {"is_active": False}])
 def test_tenants_in_bad_standing_cannot_book(fleet, tenant, actor, standing):
