@@ -332,35 +332,37 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # at the first domain that fits, so only the domains walked are read. Without an ORDER BY at the
 # top, SQL would allow any fitting domain: only the packing preference rests on that order.
 #
+# What to pick comes in as one row {target} (model, cluster, nodes, whole) joined once: written as
+# scalar subqueries instead, each use would be an init-plan of its own, set up on every execution.
 # Prepared statements get one generic plan, made before any parameter value is known: parameters
 # are cast, and the fixed states are literals so that the partial indexes' predicates still match.
 WALK_SPREAD_DOMAINS = 4
 _PICK_NODES_TEMPLATE = """
-WITH start AS MATERIALIZED (
-  SELECT COALESCE(hint, '') AS domain, hint IS NOT NULL AS spread FROM (SELECT (
-    SELECT n.topology_domain
-    FROM (SELECT r.id, r.created_at FROM reservations_reservation r
-          WHERE r.cluster_id = {cluster} AND r.gpu_model_id = {model}
-          ORDER BY r.created_at DESC LIMIT 64) latest
-    JOIN reservations_allocation a ON a.reservation_id = latest.id
-    JOIN inventory_node n ON n.id = a.node_id
-    WHERE a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz
-    ORDER BY latest.created_at DESC LIMIT 1) AS hint) latest_booking
-)
 SELECT d.topology_domain, picked.ids
-FROM (
-  (SELECT topology_domain FROM ({domains} AND topology_domain >= (SELECT domain FROM start)
+FROM {target} AS t
+LEFT JOIN LATERAL (
+  SELECT n.topology_domain AS domain
+  FROM (SELECT r.id, r.created_at FROM reservations_reservation r
+        WHERE r.cluster_id = t.cluster AND r.gpu_model_id = t.model
+        ORDER BY r.created_at DESC LIMIT 64) latest
+  JOIN reservations_allocation a ON a.reservation_id = latest.id
+  JOIN inventory_node n ON n.id = a.node_id
+  WHERE a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz
+  ORDER BY latest.created_at DESC LIMIT 1
+) hint ON true
+CROSS JOIN LATERAL (
+  (SELECT topology_domain FROM ({domains} AND topology_domain >= COALESCE(hint.domain, '')
                                 ORDER BY topology_domain LIMIT {spread}) first_few
-   ORDER BY CASE WHEN (SELECT spread FROM start) THEN random() END, topology_domain)
+   ORDER BY CASE WHEN hint.domain IS NOT NULL THEN random() END, topology_domain)
   UNION ALL
-  ({domains} AND topology_domain >= (SELECT domain FROM start) ORDER BY topology_domain OFFSET {spread})
+  ({domains} AND topology_domain >= COALESCE(hint.domain, '') ORDER BY topology_domain OFFSET {spread})
   UNION ALL
-  ({domains} AND topology_domain < (SELECT domain FROM start) ORDER BY topology_domain)
+  ({domains} AND topology_domain < COALESCE(hint.domain, '') ORDER BY topology_domain)
 ) d
 CROSS JOIN LATERAL (
   SELECT array_agg(s.id) AS ids FROM (
     SELECT n.id FROM inventory_node n
-    WHERE n.gpu_model_id = {model} AND n.status = '{available}' AND n.cluster_id = {cluster}
+    WHERE n.gpu_model_id = t.model AND n.status = '{available}' AND n.cluster_id = t.cluster
       AND n.topology_domain = d.topology_domain AND n.health <> '{unhealthy}'
       AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
                       WHERE a.node_id = n.id AND a.state <> '{cancelled}'
@@ -369,21 +371,22 @@ CROSS JOIN LATERAL (
                       WHERE m.node_id = n.id AND m.cancelled_at IS NULL
                         AND m.starts_at < %(padded_end)s::timestamptz AND m.ends_at > %(start)s::timestamptz)
     ORDER BY random()
-    LIMIT {nodes}
+    LIMIT t.nodes
     FOR NO KEY UPDATE OF n SKIP LOCKED
   ) s
 ) picked
-WHERE cardinality(picked.ids) = {nodes}
+WHERE cardinality(picked.ids) = t.nodes
 LIMIT 1
 """
 
 _DOMAINS = """SELECT DISTINCT topology_domain FROM inventory_node
-      WHERE gpu_model_id = {model} AND status = '{available}' AND cluster_id = {cluster} AND {whole}"""
+      WHERE gpu_model_id = t.model AND status = '{available}' AND cluster_id = t.cluster AND t.whole"""
 _PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).replace(
     "{available}", Node.Status.AVAILABLE.value).replace("{unhealthy}", Node.Health.UNHEALTHY.value).replace(
     "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS))
-_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.format(
-    model="%(model)s::bigint", cluster="%(cluster)s::bigint", nodes="%(nodes)s::int", whole="true")
+_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace(
+    "{target}", "(SELECT %(model)s::bigint AS model, %(cluster)s::bigint AS cluster, %(nodes)s::int AS nodes, "
+                "true AS whole)")
 
 # The tenant row locked, the model and region looked up by name, every priced cluster ranked
 # cheapest first then by name (COLLATE "C": the code-point order of selectors.priced_clusters), and
@@ -405,9 +408,9 @@ WITH tenant AS (
   JOIN inventory_region r ON r.id = c.region_id
   JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = (SELECT id FROM model)
   WHERE c.status = '""" + Cluster.Status.ACTIVE.value + """' AND (%(region_code)s::text IS NULL OR c.region_id = (SELECT id FROM region))
-), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.format(
-    model="(SELECT id FROM model)", cluster="(SELECT id FROM priced WHERE rank = 1)",
-    nodes="(SELECT nodes FROM model)", whole="(SELECT whole FROM model)") + """)
+), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.replace(
+    "{target}", "(SELECT m.id AS model, c.id AS cluster, m.nodes, m.whole FROM model m JOIN priced c ON c.rank = 1)"
+) + """)
 SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, m.id, m.vendor, m.memory_gb, m.gpus_per_node,
        (SELECT id FROM region), c.id, c.name, c.code, c.price_per_gpu_hour, c.currency, pick.topology_domain, pick.ids
 FROM tenant t
