@@ -134,7 +134,8 @@ class Node(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["gpu_model", "status", "cluster", "topology_domain"], name="node_search_idx"),
+            # id last: the booking engine walks a domain's nodes in id order (reservations.services).
+            models.Index(fields=["gpu_model", "status", "cluster", "topology_domain", "id"], name="node_search_idx"),
         ]
 
     def __str__(self) -> str:

@@ -310,9 +310,11 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # (1) or (2) rolls the whole transaction back, so nothing is half-written. The exclusion constraint
 # still decides races: a violation in (2) rolls back and reservation_create retries.
 
-# Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits): within a
-# domain, free nodes in random order, locked with SKIP LOCKED, so concurrent bookings of the same
-# window take disjoint nodes. The busy test is selectors.free_nodes' (allocations blocked in
+# Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits). Within a
+# domain, nodes in id order from a random one onwards, wrapping round to the first: free ones are
+# locked with SKIP LOCKED as they are found, so concurrent bookings of the same window take disjoint
+# nodes, and the probe stops once it has enough (sorting the domain's free nodes at random instead
+# probed every node of it). The busy test is selectors.free_nodes' (allocations blocked in
 # [start, end + cleaning gap), non-cancelled maintenance windows), written for one node at a time.
 #
 # First fit packs a window's bookings into the first domains, so a walk from the first domain
@@ -327,10 +329,11 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # order, which spreads them at the cost of packing only those few domains out of order. The first
 # booking of a window (no latest booking overlaps it) is plain first fit from the first domain.
 #
-# The walk is three lazy index scans of the domain names, appended in that order (the spread few,
-# the rest from the start, then those before it); the nested loop keeps that order and LIMIT 1 stops
-# at the first domain that fits, so only the domains walked are read. Without an ORDER BY at the
-# top, SQL would allow any fitting domain: only the packing preference rests on that order.
+# The walk is three lazy index scans of the domains (name, lowest and highest node id), appended in
+# that order (the spread few, the rest from the start, then those before it); the nested loop keeps
+# that order and LIMIT 1 stops at the first domain that fits, so only the domains walked are read.
+# Without an ORDER BY at the top, SQL would allow any fitting domain: only the packing preference
+# rests on that order. Within a domain, the same: two lazy scans of node_search_idx, appended.
 #
 # What to pick comes in as one row {target} (model, cluster, nodes, whole) joined once: written as
 # scalar subqueries instead, each use would be an init-plan of its own, set up on every execution.
@@ -351,37 +354,44 @@ LEFT JOIN LATERAL (
   ORDER BY latest.created_at DESC LIMIT 1
 ) hint ON true
 CROSS JOIN LATERAL (
-  (SELECT topology_domain FROM ({domains} AND topology_domain >= COALESCE(hint.domain, '')
-                                ORDER BY topology_domain LIMIT {spread}) first_few
+  (SELECT * FROM ({domains} AND topology_domain >= COALESCE(hint.domain, '') {group}
+                  ORDER BY topology_domain LIMIT {spread}) first_few
    ORDER BY CASE WHEN hint.domain IS NOT NULL THEN random() END, topology_domain)
   UNION ALL
-  ({domains} AND topology_domain >= COALESCE(hint.domain, '') ORDER BY topology_domain OFFSET {spread})
+  ({domains} AND topology_domain >= COALESCE(hint.domain, '') {group} ORDER BY topology_domain OFFSET {spread})
   UNION ALL
-  ({domains} AND topology_domain < COALESCE(hint.domain, '') ORDER BY topology_domain)
+  ({domains} AND topology_domain < COALESCE(hint.domain, '') {group} ORDER BY topology_domain)
 ) d
+CROSS JOIN LATERAL (SELECT d.lowest + floor(random() * (d.highest - d.lowest + 1))::bigint AS id) first_node
 CROSS JOIN LATERAL (
-  SELECT array_agg(s.id) AS ids FROM (
-    SELECT n.id FROM inventory_node n
-    WHERE n.gpu_model_id = t.model AND n.status = '{available}' AND n.cluster_id = t.cluster
-      AND n.topology_domain = d.topology_domain AND n.health <> '{unhealthy}'
-      AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
-                      WHERE a.node_id = n.id AND a.state <> '{cancelled}'
-                        AND a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz)
-      AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
-                      WHERE m.node_id = n.id AND m.cancelled_at IS NULL
-                        AND m.starts_at < %(padded_end)s::timestamptz AND m.ends_at > %(start)s::timestamptz)
-    ORDER BY random()
+  SELECT array_agg(free.id) AS ids FROM (
+    SELECT id FROM (
+      SELECT id FROM ({free} AND n.id >= first_node.id
+                      ORDER BY n.id LIMIT t.nodes FOR NO KEY UPDATE OF n SKIP LOCKED) from_first
+      UNION ALL
+      SELECT id FROM ({free} AND n.id < first_node.id
+                      ORDER BY n.id LIMIT t.nodes FOR NO KEY UPDATE OF n SKIP LOCKED) before_first
+    ) round_the_domain
     LIMIT t.nodes
-    FOR NO KEY UPDATE OF n SKIP LOCKED
-  ) s
+  ) free
 ) picked
 WHERE cardinality(picked.ids) = t.nodes
 LIMIT 1
 """
 
-_DOMAINS = """SELECT DISTINCT topology_domain FROM inventory_node
+_DOMAINS = """SELECT topology_domain, min(id) AS lowest, max(id) AS highest FROM inventory_node
       WHERE gpu_model_id = t.model AND status = '{available}' AND cluster_id = t.cluster AND t.whole"""
-_PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).replace(
+_FREE_NODES = """SELECT n.id FROM inventory_node n
+       WHERE n.gpu_model_id = t.model AND n.status = '{available}' AND n.cluster_id = t.cluster
+         AND n.topology_domain = d.topology_domain AND n.health <> '{unhealthy}'
+         AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
+                         WHERE a.node_id = n.id AND a.state <> '{cancelled}'
+                           AND a.starts_at < %(padded_end)s::timestamptz AND a.blocked_until > %(start)s::timestamptz)
+         AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
+                         WHERE m.node_id = n.id AND m.cancelled_at IS NULL
+                           AND m.starts_at < %(padded_end)s::timestamptz AND m.ends_at > %(start)s::timestamptz)"""
+_PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).replace("{free}", _FREE_NODES).replace(
+    "{group}", "GROUP BY topology_domain").replace(
     "{available}", Node.Status.AVAILABLE.value).replace("{unhealthy}", Node.Health.UNHEALTHY.value).replace(
     "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS))
 _PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace(
