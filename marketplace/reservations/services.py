@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from marketplace.core.db import fetch_prepared
 from marketplace.core.exceptions import Conflict, InvalidInput
+from marketplace.core.ids import uuid7
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor, audit_record, audit_values
 from marketplace.inventory.models import Cluster, GpuModel, Node, Region
@@ -188,10 +189,10 @@ def _is_idempotency_race(exc: IntegrityError) -> bool:
 CONFIRMED_REASON = "nodes allocated"
 
 
-def _create_audit_after(*, model: GpuModel, gpus: int, offer: selectors.Offer, node_ids: list[int], start: datetime,
+def _create_audit_after(*, model_name: str, gpus: int, offer: selectors.Offer, node_ids: list[int], start: datetime,
                         end: datetime, enforce: bool) -> dict:
     return {
-        "gpu_model": model.name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
+        "gpu_model": model_name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
         "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
         "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
     }
@@ -210,8 +211,9 @@ def reservation_create(
     idempotency_key = (idempotency_key or "").strip()
     if len(idempotency_key) > 200:
         raise InvalidInput("Idempotency-Key is at most 200 characters.", fields={"idempotency_key": ["too long"]})
+    # Only a request with a key can be replayed, so only then is its body's identity needed.
     fingerprint = _fingerprint(gpu_model=gpu_model, gpus=gpus, start=start, end=end, region=region or None,
-                               same_domain=bool(same_domain))
+                               same_domain=bool(same_domain)) if idempotency_key else ""
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
         return replay
     now = timezone.now()
@@ -291,8 +293,8 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
         for kind, due_at in reservation_event_due_times(reservation).items()
     ])
     audit_record(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
-                 after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
-                                           end=end, enforce=enforce))
+                 after=_create_audit_after(model_name=model.name, gpus=gpus, offer=offer, node_ids=node_ids,
+                                           start=start, end=end, enforce=enforce))
     reservation_transition(reservation=reservation, to=S.CONFIRMED, actor=actor, reason=CONFIRMED_REASON)
     return BookingResult(reservation=reservation, created=True)
 
@@ -496,7 +498,6 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
     if region_code and region_id is None:
         selectors.region_by_code(region_code)  # raises: no such region
     nodes = policies.check_gpus(gpus=gpus, gpus_per_node=gpus_per_node, model_name=model_name)
-    model = GpuModel(id=model_id, name=model_name, vendor=vendor, memory_gb=memory_gb, gpus_per_node=gpus_per_node)
     locked = Tenant(pk=tenant.pk, slug=slug, billing_status=billing_status, gpu_quota=quota, is_active=is_active)
     if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
         return replay
@@ -525,6 +526,7 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
         break
     if plan is None:
         # No single domain fits: the full search says why, or offers nodes across domains.
+        model = GpuModel(id=model_id, name=model_name, vendor=vendor, memory_gb=memory_gb, gpus_per_node=gpus_per_node)
         region_row = selectors.region_by_code(region_code)
         found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region_row,
                                               same_domain=same_domain)
@@ -539,36 +541,40 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
     # Sorted: concurrent bookings insert allocations in one global order.
     node_ids = sorted(node_ids)
     now = timezone.now()
+    created_by = actor.user if actor.user is not None else tenant_owner_or_error(tenant)
     # Created pending and confirmed in this same transaction, so no one ever sees it pending: the row
     # is written confirmed, with both audit rows, and the transition table has its say as always.
-    reservation = Reservation(
-        tenant=tenant, created_by=actor.user if actor.user is not None else tenant_owner_or_error(tenant),
-        gpu_model=model, cluster_id=offer.cluster_id, gpus=gpus, same_domain=same_domain,
-        starts_at=start, ends_at=end, status=S.CONFIRMED, status_reason=CONFIRMED_REASON, currency=offer.currency,
-        unit_price=offer.unit_price, total_price=offer.total_price, idempotency_key=idempotency_key,
-        request_fingerprint=fingerprint, status_changed_at=now, created_at=now, updated_at=now,
-    )
+    row = {
+        "id": uuid7(), "tenant_id": tenant.pk, "created_by_id": created_by.pk, "gpu_model_id": model_id,
+        "cluster_id": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "starts_at": start,
+        "ends_at": end, "status": S.CONFIRMED, "status_reason": CONFIRMED_REASON, "status_changed_at": now,
+        "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
+        "idempotency_key": idempotency_key, "request_fingerprint": fingerprint, "readiness": None,
+        "ready_at": None, "end_notice_at": None, "released_at": None, "created_at": now, "updated_at": now,
+    }
+    # The instance of the row the statement below writes, built as if read back (a KeyError here means
+    # a new column this path does not write yet): a third of the cost of keyword construction.
+    reservation = Reservation.from_db(connection.alias, None,
+                                      [row[field.attname] for field in Reservation._meta.concrete_fields])
     due = reservation_event_due_times(reservation)
     audit = [
         audit_values(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
-                     after=_create_audit_after(model=model, gpus=gpus, offer=offer, node_ids=node_ids, start=start,
-                                               end=end, enforce=enforce)),
+                     after=_create_audit_after(model_name=model_name, gpus=gpus, offer=offer, node_ids=node_ids,
+                                               start=start, end=end, enforce=enforce)),
         _transition_audit(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
                           reason=CONFIRMED_REASON),
     ]
     # Arrays and rows travel as text (an array literal, one JSON document): psycopg dumps text in C.
     [(held_peak,)] = fetch_prepared(_INSERT_BOOKING_SQL, {
-        "id": reservation.pk, "tenant": tenant.pk, "created_by": reservation.created_by_id, "model": model_id,
+        "id": row["id"], "tenant": tenant.pk, "created_by": created_by.pk, "model": model_id,
         "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
-        "status": reservation.status, "status_reason": reservation.status_reason, "now": now,
+        "status": row["status"], "status_reason": row["status_reason"], "now": now,
         "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
         "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": padded_end,
         "nodes": "{" + ",".join(map(str, node_ids)) + "}", "audit": json.dumps(audit),
         **{f"due_{kind}": due_at for kind, due_at in due.items()},
     })
     policies.check_quota(tenant=locked, held_peak=held_peak, gpus=gpus, enforce=enforce)
-    reservation._state.adding = False
-    reservation._state.db = connection.alias
     return BookingResult(reservation=reservation, created=True)
 
 
