@@ -8,8 +8,10 @@ class AuditLog(models.Model):
     """Who changed what, when, with the state before and after. Append-only."""
 
     at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Not indexed: nothing lists audit rows by user id (the actor column names them), and every change
+    # writes audit rows. Deleting a user (protected) scans instead: rare, ops only.
     actor_user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
     )
     # "user:alice", "task:scheduler.provision", "system": set even when there is no user.
     actor = models.CharField(max_length=200)

@@ -21,8 +21,11 @@ class Reservation(models.Model):
     # Indexed by reservation_tenant_start_idx (tenant first): no index of its own to write per booking.
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="reservations",
                                db_index=False)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
-    gpu_model = models.ForeignKey("inventory.GpuModel", on_delete=models.PROTECT, related_name="+")
+    # No index on who booked or on the GPU model: nothing looks reservations up by either, and every
+    # booking would write both. Deleting a user or a model (protected) scans instead: rare, ops only.
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+",
+                                   db_index=False)
+    gpu_model = models.ForeignKey("inventory.GpuModel", on_delete=models.PROTECT, related_name="+", db_index=False)
     # Indexed by reservation_cluster_recent_idx (cluster first).
     cluster = models.ForeignKey("inventory.Cluster", on_delete=models.PROTECT, related_name="reservations",
                                 db_index=False)
