@@ -46,7 +46,7 @@ _NAMED_PARAMETER = re.compile(r"%\((\w+)\)s|%%")
 
 
 @functools.lru_cache(maxsize=64)
-def _native_placeholders(sql: str) -> tuple[str, tuple[str, ...]]:
+def _native_placeholders(sql: str) -> tuple[bytes, tuple[str, ...]]:
     """``sql`` with its %(name)s placeholders as PostgreSQL's own $1, $2, ..., and the names in that order.
 
     psycopg finds a statement's placeholders with a regular expression on every execution once the
@@ -62,7 +62,8 @@ def _native_placeholders(sql: str) -> tuple[str, tuple[str, ...]]:
             names.append(match.group(1))
         return f"${names.index(match.group(1)) + 1}"
 
-    return _NAMED_PARAMETER.sub(native, sql), tuple(names)
+    # Bytes, the same object each time: psycopg sends it as is and keys its prepared statements on it.
+    return _NAMED_PARAMETER.sub(native, sql).encode(), tuple(names)
 
 
 def fetch_prepared(sql: str, params: dict[str, Any]) -> list[tuple]:
