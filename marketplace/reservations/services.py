@@ -10,7 +10,7 @@ from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from marketplace.core.db import fetch_prepared
-from marketplace.core.exceptions import Conflict, InvalidInput
+from marketplace.core.exceptions import Conflict, InvalidInput, ServiceError
 from marketplace.core.ids import uuid7
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor, audit_record, audit_values
@@ -33,6 +33,19 @@ class InsufficientCapacity(Conflict):
 
 class _NodesTaken(Exception):
     """Internal: the offer's nodes were taken by concurrent bookings; the booking retries."""
+
+
+class _NothingWritten(Exception):
+    """Internal: ``refusal`` was raised before the attempt wrote anything.
+
+    The transaction then ends with COMMIT, which has nothing to keep but the locks it releases,
+    rather than ROLLBACK: psycopg forgets every prepared statement of a connection on ROLLBACK, and
+    the connection's next booking would plan both of its statements again (milliseconds each).
+    """
+
+    def __init__(self, refusal: Exception) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
 
 
 class IdempotencyKeyReused(Conflict):
@@ -226,11 +239,15 @@ def reservation_create(
     for attempt in range(attempts):
         try:
             with transaction.atomic():
-                return book_once(
-                    actor=actor, tenant=tenant, model_name=gpu_model, region_code=region or None, gpus=gpus,
-                    start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
-                    fingerprint=fingerprint, enforce=enforce_policies,
-                )
+                try:
+                    return book_once(
+                        actor=actor, tenant=tenant, model_name=gpu_model, region_code=region or None, gpus=gpus,
+                        start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
+                        fingerprint=fingerprint, enforce=enforce_policies,
+                    )
+                except _NothingWritten as unwritten:
+                    refusal = unwritten.refusal  # leaves the block normally: COMMIT
+            raise refusal
         except IntegrityError as exc:
             if idempotency_key and _is_idempotency_race(exc):
                 # An identical request committed first; answer with its booking.
@@ -485,59 +502,63 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
                           start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
                           enforce: bool) -> BookingResult:
     """One booking attempt, inside the caller's transaction, in two prepared statements (PostgreSQL)."""
-    padded_end = end + selectors.cleaning_gap()
-    pick_params = {"start": start, "padded_end": padded_end}
-    # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
-    rows = fetch_prepared(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
-        "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code})
-    if not rows:
-        raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
-    slug, billing_status, quota, is_active, model_id, vendor, memory_gb, gpus_per_node, region_id = rows[0][:9]
-    if model_id is None:
-        selectors.gpu_model_by_name(model_name)  # raises: no such model, naming the known ones
-    if region_code and region_id is None:
-        selectors.region_by_code(region_code)  # raises: no such region
-    nodes = policies.check_gpus(gpus=gpus, gpus_per_node=gpus_per_node, model_name=model_name)
-    locked = Tenant(pk=tenant.pk, slug=slug, billing_status=billing_status, gpu_quota=quota, is_active=is_active)
-    if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
-        return replay
-    policies.check_tenant_standing(tenant=locked, enforce=enforce)
+    try:
+        padded_end = end + selectors.cleaning_gap()
+        pick_params = {"start": start, "padded_end": padded_end}
+        # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
+        rows = fetch_prepared(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
+            "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code})
+        if not rows:
+            raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
+        slug, billing_status, quota, is_active, model_id, vendor, memory_gb, gpus_per_node, region_id = rows[0][:9]
+        if model_id is None:
+            selectors.gpu_model_by_name(model_name)  # raises: no such model, naming the known ones
+        if region_code and region_id is None:
+            selectors.region_by_code(region_code)  # raises: no such region
+        nodes = policies.check_gpus(gpus=gpus, gpus_per_node=gpus_per_node, model_name=model_name)
+        locked = Tenant(pk=tenant.pk, slug=slug, billing_status=billing_status, gpu_quota=quota, is_active=is_active)
+        if replay := _replay(tenant=tenant, idempotency_key=idempotency_key, fingerprint=fingerprint):
+            return replay
+        policies.check_tenant_standing(tenant=locked, enforce=enforce)
 
-    def check_quota() -> None:
-        # Before any capacity refusal, as the portable path does: a tenant over quota hears that first.
-        policies.check_quota(tenant=locked, held_peak=_held_peak(tenant=tenant, start=start, end=end), gpus=gpus,
-                             enforce=enforce)
+        def check_quota() -> None:
+            # Before any capacity refusal, as the portable path does: a tenant over quota hears that first.
+            policies.check_quota(tenant=locked, held_peak=_held_peak(tenant=tenant, start=start, end=end),
+                                 gpus=gpus, enforce=enforce)
 
-    plan = None
-    for index, (cluster_id, cluster_name, region, price, currency, domain, node_ids) in enumerate(
-            row[9:] for row in rows if row[9] is not None):
-        if index > 0:
-            picked = fetch_prepared(_PICK_NODES_SQL, pick_params | {"model": model_id, "cluster": cluster_id,
-                                                                    "nodes": nodes})
-            domain, node_ids = picked[0] if picked else (None, None)
-        if domain is None:
-            continue
-        offer = selectors.Offer(
-            region=region, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
-            same_domain=True, domains=(domain,), unit_price=price, currency=currency, start=start, end=end,
-            total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
-        )
-        plan = offer, list(node_ids)
-        break
-    if plan is None:
-        # No single domain fits: the full search says why, or offers nodes across domains.
-        model = GpuModel(id=model_id, name=model_name, vendor=vendor, memory_gb=memory_gb, gpus_per_node=gpus_per_node)
-        region_row = selectors.region_by_code(region_code)
-        found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end, region=region_row,
-                                              same_domain=same_domain)
-        if not found.offers:
+        plan = None
+        for index, (cluster_id, cluster_name, region, price, currency, domain, node_ids) in enumerate(
+                row[9:] for row in rows if row[9] is not None):
+            if index > 0:
+                picked = fetch_prepared(_PICK_NODES_SQL, pick_params | {"model": model_id, "cluster": cluster_id,
+                                                                        "nodes": nodes})
+                domain, node_ids = picked[0] if picked else (None, None)
+            if domain is None:
+                continue
+            offer = selectors.Offer(
+                region=region, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
+                same_domain=True, domains=(domain,), unit_price=price, currency=currency, start=start, end=end,
+                total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
+            )
+            plan = offer, list(node_ids)
+            break
+        if plan is None:
+            # No single domain fits: the full search says why, or offers nodes across domains.
+            model = GpuModel(id=model_id, name=model_name, vendor=vendor, memory_gb=memory_gb,
+                             gpus_per_node=gpus_per_node)
+            region_row = selectors.region_by_code(region_code)
+            found = selectors.availability_search(gpu_model=model, gpus=gpus, start=start, end=end,
+                                                  region=region_row, same_domain=same_domain)
+            if not found.offers:
+                check_quota()
+                raise InsufficientCapacity(found.reason["message"])
+            plan = found.offers[0], _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)
+        offer, node_ids = plan
+        if len(node_ids) < offer.nodes:
             check_quota()
-            raise InsufficientCapacity(found.reason["message"])
-        plan = found.offers[0], _pick_nodes(gpu_model=model, offer=found.offers[0], start=start, end=end)
-    offer, node_ids = plan
-    if len(node_ids) < offer.nodes:
-        check_quota()
-        raise _NodesTaken()  # concurrent bookings hold them right now: search again
+            raise _NodesTaken()  # concurrent bookings hold them right now: search again
+    except (ServiceError, _NodesTaken) as refusal:
+        raise _NothingWritten(refusal) from refusal
     # Sorted: concurrent bookings insert allocations in one global order.
     node_ids = sorted(node_ids)
     now = timezone.now()

@@ -167,3 +167,31 @@ def test_a_window_s_later_bookings_start_near_the_latest_one_and_still_reach_eve
     assert sorted(booked) == sorted(node.name for node in Node.objects.all())
     with pytest.raises(InsufficientCapacity):
         book(tenant, actor, gpus=8)
+
+
+def prepared_statements() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_booking_ends_its_transaction_without_losing_the_prepared_statements(fleet, tenant, actor):
+    from marketplace.core.exceptions import ServiceError
+
+    # given a connection that has booked once, so its booking statements are prepared
+    book(tenant, actor)
+    prepared = prepared_statements()
+    assert prepared >= 2
+    # when bookings are refused: no capacity, then an unknown GPU model
+    with pytest.raises(InsufficientCapacity):
+        book(tenant, actor, gpus=8 * 64)
+    with pytest.raises(ServiceError):
+        book(tenant, actor, gpu_model="no-such-gpu")
+    # then they wrote nothing, and the statements are still prepared (a ROLLBACK would have made
+    # psycopg deallocate them all, and the next booking would plan them again)
+    assert Reservation.objects.count() == 1 and Allocation.objects.count() == 2
+    assert prepared_statements() == prepared
+    assert book(tenant, actor, start=at(8), end=at(10)).created
+    assert prepared_statements() == prepared
