@@ -33,7 +33,17 @@ def test_benchmark_booking_reports_figures_and_no_double_bookings():
     assert {"p50_ms", "p95_ms", "p99_ms", "sql_floor_p95_ms"} <= set(figures["search"])
     assert set(figures["bookings"]) == {"1", "4", "16"}
     assert sum(level["booked"] for level in figures["bookings"].values()) > 0
+    # each level is the median of three runs, each on its own week
+    assert all(len(level["runs_per_s"]) == 3 for level in figures["bookings"].values())
+    assert figures["bookings"]["16"]["bookings_per_s"] == sorted(figures["bookings"]["16"]["runs_per_s"])[1]
     assert Allocation.objects.count() >= 256
+
+
+def test_benchmark_refuses_more_runs_than_the_lead_time_policy_allows():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="lead-time"):
+        call_command("benchmark", "booking", *TINY, "--repeat", "9", stdout=StringIO())
 
 
 @pytest.mark.postgres_only
