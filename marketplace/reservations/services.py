@@ -325,9 +325,9 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # (2) insert the reservation, its allocations, due events and audit rows in one statement that also
 # reads the most GPUs the tenant already holds in the window, for the quota check. Every decision
 # (unknown model or region, whole nodes, standing, quota, money) is still made here in Python by the
-# same policies; a refusal after
-# (1) or (2) rolls the whole transaction back, so nothing is half-written. The exclusion constraint
-# still decides races: a violation in (2) rolls back and reservation_create retries.
+# same policies; a refusal after (1) ends the transaction with nothing written (see _NothingWritten),
+# one after (2) rolls it back, so nothing is half-written. The exclusion constraint still decides
+# races: a violation in (2) rolls back and reservation_create retries.
 
 # Domains in name order, each probed lazily (the LIMIT 1 stops at the first that fits). Within a
 # domain, nodes in id order from a random one onwards, wrapping round to the first: free ones are
@@ -451,12 +451,13 @@ ORDER BY c.rank
 
 HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
 
-# Everything a booking writes, in one statement; the main SELECT reads the most GPUs the tenant already
-# holds at one instant of the window, for the quota check (policies.held_peak_gpus in SQL: periods
-# clipped to the window, a running sum over their edges, ends before starts at the same instant). It
-# runs after the tenant lock, so it sees every committed booking of the tenant, and not this one. Audit rows keep their order (create, then the transition). The window
-# test is a range overlap, which the status index cannot serve: with a plain starts_at condition
-# the generic plan ANDs in a scan of that index over every holding reservation of the fleet.
+# Everything a booking writes, in one statement; the main SELECT reads the most GPUs the tenant
+# already holds at one instant of the window, for the quota check (policies.held_peak_gpus in SQL:
+# periods clipped to the window, a running sum over their edges, ends before starts at the same
+# instant). It runs after the tenant lock, so it sees every committed booking of the tenant, and not
+# this one. Audit rows keep their order (create, then the transition). The window test is a range
+# overlap, which the status index cannot serve: with a plain starts_at condition the generic plan
+# ANDs in a scan of that index over every holding reservation of the fleet.
 _INSERT_BOOKING_SQL = """
 WITH reservation AS (
   INSERT INTO reservations_reservation (id, tenant_id, created_by_id, gpu_model_id, cluster_id, gpus, same_domain,
