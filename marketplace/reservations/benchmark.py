@@ -66,9 +66,9 @@ def run(options, stdout) -> dict:
 
 def _run(options, stdout) -> dict:
     repeat = max(1, options["repeat"])
-    last_week = 35 + 7 * (3 * len(CLIENT_MODELS) * repeat)
-    if timedelta(days=last_week) > policies.policy("MAX_LEAD_TIME"):
-        raise CommandError(f"--repeat {repeat} books up to {last_week} days ahead, beyond the booking lead-time "
+    last_week = _booking_week(3 * len(CLIENT_MODELS) * repeat)
+    if last_week > policies.policy("MAX_LEAD_TIME"):
+        raise CommandError(f"--repeat {repeat} books up to {last_week.days} days ahead, beyond the booking lead-time "
                            f"policy ({policies.policy('MAX_LEAD_TIME').days} days): repeat fewer times.")
     rng = random.Random(options["seed"])
     started = time.monotonic()
@@ -424,6 +424,12 @@ def _insert_floor(*, clients: int, seconds: float, model: str = "threads") -> fl
     return round(sum(done) / elapsed, 1)
 
 
+def _booking_week(run: int) -> timedelta:
+    """How far ahead booking run ``run`` books: a week each from day 35 on, after the synthetic
+    fleet's future bookings and, for the runs the command makes, within the booking lead time."""
+    return timedelta(days=35 + 7 * run)
+
+
 def _measure_bookings(*, clients: int, total: int, level: int, seed: int, model: str = "threads") -> dict:
     """``total`` bookings split over ``clients`` clients, all inside one 6-hour span (overlapping).
 
@@ -434,8 +440,7 @@ def _measure_bookings(*, clients: int, total: int, level: int, seed: int, model:
     user = get_user_model().objects.get(username=f"{PREFIX}-user")
     tenants = list(Tenant.objects.filter(slug__startswith=f"{PREFIX}-").order_by("slug"))
     step = policies.granularity()
-    # Weeks from day 35 on: after the synthetic fleet's future bookings, within the booking lead time.
-    base = policies.ceil_to_granularity(timezone.now() + timedelta(days=35 + 7 * level))
+    base = policies.ceil_to_granularity(timezone.now() + _booking_week(level))
 
     def warm_up(index):
         # One booking of the client's own, days before the measured span, so it takes nothing from it.
