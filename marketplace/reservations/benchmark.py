@@ -235,20 +235,9 @@ def _copy(table: str, columns: list[str], rows: list[tuple]) -> None:
 
 # --- search ---------------------------------------------------------------------------------------
 
-FLOOR_SQL = """
-SELECT n.cluster_id, n.topology_domain, count(*)
-FROM inventory_node n
-WHERE n.gpu_model_id = %(model)s AND n.status = 'available' AND n.health <> 'unhealthy'
-  AND n.cluster_id = ANY(%(clusters)s)
-  AND NOT EXISTS (SELECT 1 FROM reservations_allocation a
-                  WHERE a.node_id = n.id AND a.state <> 'cancelled'
-                    AND a.starts_at < %(padded_end)s AND a.blocked_until > %(start)s
-                    AND tstzrange(a.starts_at, a.blocked_until, '[)') && tstzrange(%(start)s, %(padded_end)s, '[)'))
-  AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow m
-                  WHERE m.node_id = n.id AND m.cancelled_at IS NULL AND m.starts_at < %(padded_end)s
-                    AND m.ends_at > %(start)s)
-GROUP BY n.cluster_id, n.topology_domain
-"""
+# The floor is the service's own free-node query run bare: no parameter lookups, no policy checks,
+# no offers, and the active clusters of each region given.
+FLOOR_SQL = selectors.FREE_NODE_COUNTS_SQL
 
 
 def _percentile(samples: list[float], pct: float) -> float:

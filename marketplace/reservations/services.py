@@ -153,8 +153,8 @@ def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: dat
     that fits, so a booking does not count the whole fleet. None if no single domain fits.
     """
     gpus = nodes * model.gpus_per_node
-    for cluster, price in selectors.priced_clusters(gpu_model=model, region=region):
-        free = selectors.free_nodes(gpu_model=model, start=start, end=end, cluster_ids=[cluster.pk])
+    for cluster in selectors.priced_clusters(gpu_model=model, region=region):
+        free = selectors.free_nodes(gpu_model=model, start=start, end=end, cluster_ids=[cluster.cluster_id])
         counts: dict[str, int] = {}
         for domain in free.order_by("topology_domain").values_list("topology_domain", flat=True).iterator(chunk_size=64):
             counts[domain] = counts.get(domain, 0) + 1
@@ -164,11 +164,10 @@ def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: dat
             if len(node_ids) < nodes:
                 continue  # concurrent bookings are taking this domain; try the next one
             offer = selectors.Offer(
-                region=cluster.region.code, cluster=cluster.name, cluster_id=cluster.pk, nodes=nodes, gpus=gpus,
-                same_domain=True, domains=(domain,), unit_price=price.price_per_gpu_hour,
-                total_price=money.reservation_total(unit_price=price.price_per_gpu_hour, gpus=gpus,
-                                                    duration=end - start),
-                currency=price.currency, start=start, end=end,
+                region=cluster.region_code, cluster=cluster.name, cluster_id=cluster.cluster_id, nodes=nodes,
+                gpus=gpus, same_domain=True, domains=(domain,), unit_price=cluster.unit_price,
+                total_price=money.reservation_total(unit_price=cluster.unit_price, gpus=gpus, duration=end - start),
+                currency=cluster.currency, start=start, end=end,
             )
             return offer, node_ids
     return None

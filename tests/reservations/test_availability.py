@@ -1,5 +1,6 @@
 """Availability search, earliest start, and the capacity calendar."""
 
+from collections import Counter
 from datetime import timedelta
 from decimal import Decimal
 
@@ -7,7 +8,8 @@ import pytest
 
 from marketplace.inventory.models import MaintenanceWindow, Node
 from marketplace.reservations import selectors, services
-from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
+from marketplace.reservations.models import Allocation
+from tests.factories import AllocationFactory, ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
 from tests.reservations.conftest import at
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen")]
@@ -42,6 +44,25 @@ def test_no_offer_says_why(fleet):
     assert "share one topology domain" in found.reason["message"]
     Node.objects.update(status=Node.Status.MAINTENANCE)
     assert search(fleet).reason["code"] == "no_nodes"
+
+
+def test_free_node_counts_are_the_free_nodes_by_domain(fleet):
+    # given, around the window [2h, 6h) and its cleaning gap up to 6h30:
+    nodes = fleet.nodes
+    AllocationFactory(node=nodes["a0"], starts_at=at(0), ends_at=at(1.5), blocked_until=at(2))  # free again at 2h
+    AllocationFactory(node=nodes["a1"], starts_at=at(5), ends_at=at(7), blocked_until=at(7.5))  # busy
+    AllocationFactory(node=nodes["a2"], starts_at=at(2), ends_at=at(6), blocked_until=at(6.5),
+                      state=Allocation.State.CANCELLED)  # cancelled: free
+    MaintenanceWindow.objects.create(node=nodes["b0"], starts_at=at(6.25), ends_at=at(9))  # in the gap: busy
+    MaintenanceWindow.objects.create(node=nodes["a3"], starts_at=at(6.5), ends_at=at(9))  # after the gap: free
+    Node.objects.filter(pk=nodes["b1"].pk).update(health=Node.Health.UNHEALTHY)
+    # when the free nodes of the window are counted (in SQL of its own on PostgreSQL)
+    counts = selectors.free_node_counts(gpu_model=fleet.model, start=at(2), end=at(6), cluster_ids=[fleet.cluster.pk])
+    # then they are exactly the free nodes, by domain
+    free = selectors.free_nodes(gpu_model=fleet.model, start=at(2), end=at(6), cluster_ids=[fleet.cluster.pk])
+    assert counts == {fleet.cluster.pk: dict(Counter(free.values_list("topology_domain", flat=True)))}
+    assert counts == {fleet.cluster.pk: {"ib-a": 3}}
+    assert selectors.free_node_counts(gpu_model=fleet.model, start=at(2), end=at(6), cluster_ids=[]) == {}
 
 
 def test_booked_nodes_and_their_cleaning_gap_are_not_offered(fleet, tenant, member):

@@ -92,7 +92,7 @@ def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, 
     lower, upper = ClusterFactory(name="b-x", region=region), ClusterFactory(name="B-y", region=region)
     for cluster in (lower, upper):
         NodeFactory(name=f"{cluster.name}-0", cluster=cluster, gpu_model=fleet.model, topology_domain="ib-z")
-    expected = [cluster.name for cluster, _ in selectors.priced_clusters(gpu_model=fleet.model)]
+    expected = [cluster.name for cluster in selectors.priced_clusters(gpu_model=fleet.model)]
     assert expected[:2] == ["B-y", "b-x"]
     # when three one-node bookings of one window are made
     placed = [book(tenant, actor, gpus=8).reservation for _ in range(3)]
