@@ -114,15 +114,31 @@ class PricedCluster:
 def priced_clusters(*, gpu_model: GpuModel, region: Region | None = None) -> list[PricedCluster]:
     """Active clusters where ``gpu_model`` has a price, cheapest first (then by name).
 
-    One query of plain values: as two queries of model instances (prices, then clusters with their
-    regions) it cost four times as much, a tenth of a whole search.
+    One query of plain values, written out on PostgreSQL (numeric comes back as Decimal with its
+    scale, as from the ORM): as two queries of model instances (prices, then clusters with their
+    regions) it cost 3.8 ms, as one ORM query 2.9 ms, written out 0.4 ms, in a 40 ms search.
     """
-    prices = GpuPrice.objects.filter(gpu_model=gpu_model, region__clusters__status=Cluster.Status.ACTIVE)
-    if region is not None:
-        prices = prices.filter(region=region)
-    priced = [PricedCluster(*row) for row in prices.values_list(
-        "region__clusters__id", "region__clusters__name", "region__code", "price_per_gpu_hour", "currency")]
-    return sorted(priced, key=lambda cluster: (cluster.unit_price, cluster.name))
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_PRICED_CLUSTERS_SQL, {"model": gpu_model.pk, "active": Cluster.Status.ACTIVE.value,
+                                                  "region": region.pk if region is not None else None})
+            rows = cursor.fetchall()
+    else:
+        prices = GpuPrice.objects.filter(gpu_model=gpu_model, region__clusters__status=Cluster.Status.ACTIVE)
+        if region is not None:
+            prices = prices.filter(region=region)
+        rows = prices.values_list("region__clusters__id", "region__clusters__name", "region__code",
+                                  "price_per_gpu_hour", "currency")
+    return sorted((PricedCluster(*row) for row in rows), key=lambda cluster: (cluster.unit_price, cluster.name))
+
+
+_PRICED_CLUSTERS_SQL = """
+SELECT c.id, c.name, r.code, p.price_per_gpu_hour, p.currency
+FROM inventory_gpuprice p
+JOIN inventory_region r ON r.id = p.region_id
+JOIN inventory_cluster c ON c.region_id = p.region_id
+WHERE p.gpu_model_id = %(model)s AND c.status = %(active)s AND (%(region)s::bigint IS NULL OR p.region_id = %(region)s)
+"""
 
 
 # free_nodes() grouped by domain, written out for PostgreSQL: building the same query with the ORM
