@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from marketplace.inventory.models import MaintenanceWindow, Node
+from marketplace.inventory.models import Cluster, MaintenanceWindow, Node
 from marketplace.reservations import selectors, services
 from marketplace.reservations.models import Allocation
 from tests.factories import AllocationFactory, ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
@@ -36,6 +36,19 @@ def test_cheaper_region_ranks_first_among_equal_offers(fleet):
     offers = search(fleet).offers
     assert [o.cluster for o in offers] == ["west-1", "east-1"]
     assert [o.cluster for o in search(fleet, region=eu).offers] == ["west-1"]
+
+
+def test_a_disabled_cluster_is_never_offered(fleet):
+    # given a cheaper region whose only cluster, with free nodes, is disabled
+    eu = RegionFactory(code="eu-west", name="EU")
+    GpuPriceFactory(gpu_model=fleet.model, region=eu, price_per_gpu_hour=Decimal("1.0000"))
+    cluster = ClusterFactory(name="west-1", region=eu, status=Cluster.Status.DISABLED)
+    NodeFactory.create_batch(4, cluster=cluster, gpu_model=fleet.model, topology_domain="ib-w")
+    # when searching anywhere, and in that region
+    # then only the active cluster is priced and offered, and the region has no bookable nodes
+    assert [cluster.name for cluster in selectors.priced_clusters(gpu_model=fleet.model)] == ["east-1"]
+    assert [offer.cluster for offer in search(fleet).offers] == ["east-1"]
+    assert search(fleet, region=eu).reason["code"] == "no_nodes"
 
 
 def test_no_offer_says_why(fleet):
