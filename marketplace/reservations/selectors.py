@@ -9,7 +9,7 @@ allocations) keeps the cleaning gap after *this* booking free as well.
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -283,26 +283,90 @@ def availability_search(*, gpu_model: GpuModel, gpus: int, start: datetime, end:
     return result
 
 
-def _candidate_starts(*, gpu_model: GpuModel, region: Region | None, after: datetime, until: datetime,
-                      limit: int) -> list[datetime]:
-    """Moments in (after, until] when some matching node becomes free again, aligned up.
+# A fortnight of a full fleet is 10^5 busy periods; as timestamps through the ORM they take seconds
+# to load, as epoch seconds (float8) a tenth of that.
+_BUSY_PERIODS_SQL = """
+SELECT a.node_id, extract(epoch FROM a.starts_at)::float8, extract(epoch FROM a.blocked_until)::float8
+FROM reservations_allocation a JOIN inventory_node n ON n.id = a.node_id
+WHERE n.gpu_model_id = %(model)s AND n.cluster_id = ANY(%(clusters)s) AND a.state <> '{cancelled}'
+  AND a.starts_at < %(end)s AND a.blocked_until > %(start)s
+  AND tstzrange(a.starts_at, a.blocked_until, '[)') && tstzrange(%(start)s, %(end)s, '[)')
+UNION ALL
+SELECT m.node_id, extract(epoch FROM m.starts_at)::float8, extract(epoch FROM m.ends_at)::float8
+FROM inventory_maintenancewindow m JOIN inventory_node n ON n.id = m.node_id
+WHERE n.gpu_model_id = %(model)s AND n.cluster_id = ANY(%(clusters)s) AND m.cancelled_at IS NULL
+  AND m.starts_at < %(end)s AND m.ends_at > %(start)s
+""".replace("{cancelled}", Allocation.State.CANCELLED.value)
 
-    A window that does not fit at ``after`` can only start fitting when an allocation's blocked
-    period or a maintenance window ends, so these are the only starts worth probing.
+
+def _busy_periods(*, gpu_model: GpuModel, cluster_ids: list[int], start: datetime,
+                  end: datetime) -> list[tuple[int, float, float]]:
+    """(node id, from, until) in epoch seconds: every live allocation's blocked period and maintenance
+    window overlapping [start, end) on the model's nodes in these clusters."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_BUSY_PERIODS_SQL, {"model": gpu_model.pk, "clusters": list(cluster_ids),
+                                               "start": start, "end": end})
+            return cursor.fetchall()
+    of_these_nodes = {"node__gpu_model": gpu_model, "node__cluster_id__in": cluster_ids}
+    periods = [*allocations_overlapping(start=start, end=end).filter(**of_these_nodes)
+               .values_list("node_id", "starts_at", "blocked_until"),
+               *maintenance_overlapping(start=start, end=end).filter(**of_these_nodes)
+               .values_list("node_id", "starts_at", "ends_at")]
+    return [(node_id, since.timestamp(), until.timestamp()) for node_id, since, until in periods]
+
+
+def _fitting_starts(*, gpu_model: GpuModel, nodes: int, duration: timedelta, after: datetime, until: datetime,
+                    cluster_ids: list[int], same_domain: bool) -> list[datetime]:
+    """Aligned starts in (after, until], earliest first, at which ``nodes`` bookable nodes of one
+    cluster (of one topology domain with ``same_domain``) are free for the whole window: for each
+    cluster or domain, the first such start.
+
+    A node cannot start a window at t while one of its busy periods (an allocation's blocked
+    period, a maintenance window) overlaps [t, t + duration + cleaning gap): that is, for t strictly
+    between the period's start minus the padded duration and its end. Every node's remaining starts
+    on the booking grid become +1/-1 edges of its group, and one sweep over time finds where a group
+    first holds enough nodes: two queries over the horizon instead of a search per candidate start.
+    Times are whole grid steps since the epoch inside; a full fleet's fortnight is 10^5 periods.
     """
-    nodes = bookable_nodes(gpu_model=gpu_model, region=region).values("pk")
-    ends = set(
-        Allocation.objects.exclude(state=Allocation.State.CANCELLED)
-        .filter(node__in=nodes, blocked_until__gt=after, blocked_until__lte=until)
-        .order_by("blocked_until").values_list("blocked_until", flat=True).distinct()[: limit * 4]
-    )
-    ends |= set(
-        MaintenanceWindow.objects.filter(node__in=nodes, cancelled_at__isnull=True, ends_at__gt=after,
-                                         ends_at__lte=until)
-        .order_by("ends_at").values_list("ends_at", flat=True).distinct()[: limit * 4]
-    )
-    aligned = sorted({policies.ceil_to_granularity(moment) for moment in ends})
-    return [moment for moment in aligned if after < moment <= until][:limit]
+    step = int(policies.granularity().total_seconds())
+    padded = (duration + cleaning_gap()).total_seconds()
+
+    # Grid steps: the first strictly after a moment is int(t // step) + 1; the last strictly before
+    # it is -int(-t // step) - 1 (t in epoch seconds). Written inline below: this runs 10^5 times.
+    first, last = int(after.timestamp() // step) + 1, int(until.timestamp() // step)
+    if first > last:
+        return []
+    group_of = {node_id: (cluster_id, domain) if same_domain else cluster_id
+                for node_id, cluster_id, domain in bookable_nodes(gpu_model=gpu_model, cluster_ids=cluster_ids)
+                .values_list("pk", "cluster_id", "topology_domain")}
+    blocked: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for node_id, busy_from, busy_until in _busy_periods(
+            gpu_model=gpu_model, cluster_ids=cluster_ids, start=datetime.fromtimestamp(first * step, UTC),
+            end=datetime.fromtimestamp(last * step + padded, UTC)):
+        low, high = int((busy_from - padded) // step) + 1, -int(-busy_until // step) - 1
+        if low <= high and node_id in group_of:
+            blocked[node_id].append((low, high))
+    edges: list[tuple[int, int, object]] = []
+    for node_id, group in group_of.items():
+        free_from = first
+        for low, high in sorted(blocked.get(node_id, ())):
+            if free_from > last:
+                break
+            if low > free_from:
+                edges += [(free_from, 1, group), (min(low, last + 1), -1, group)]
+            if high >= free_from:
+                free_from = high + 1
+        if free_from <= last:
+            edges += [(free_from, 1, group), (last + 1, -1, group)]
+    edges.sort()  # by moment, and at one moment nodes leave (-1) before others join (+1)
+    free: dict[object, int] = defaultdict(int)
+    fits: dict[object, int] = {}
+    for moment, change, group in edges:
+        free[group] += change
+        if change > 0 and group not in fits and free[group] >= nodes:
+            fits[group] = moment
+    return [datetime.fromtimestamp(moment * step, UTC) for moment in sorted(set(fits.values()))]
 
 
 EARLIEST_MAX_PROBES = 200
@@ -317,8 +381,10 @@ def availability_earliest(*, gpu_model: GpuModel, gpus: int, start: datetime, en
                                 same_domain=same_domain)
     if first.offers:
         return first
-    for moment in _candidate_starts(gpu_model=gpu_model, region=region, after=start, until=horizon,
-                                    limit=EARLIEST_MAX_PROBES):
+    cluster_ids = [cluster.cluster_id for cluster in priced_clusters(gpu_model=gpu_model, region=region)]
+    # Each start the sweep finds is confirmed by the search itself, which prices it.
+    for moment in _fitting_starts(gpu_model=gpu_model, nodes=first.nodes, duration=duration, after=start,
+                                  until=horizon, cluster_ids=cluster_ids, same_domain=same_domain)[:EARLIEST_MAX_PROBES]:
         found = availability_search(gpu_model=gpu_model, gpus=gpus, start=moment, end=moment + duration,
                                     region=region, same_domain=same_domain)
         if found.offers:

@@ -9,7 +9,8 @@ import pytest
 from marketplace.inventory.models import Cluster, MaintenanceWindow, Node
 from marketplace.reservations import selectors, services
 from marketplace.reservations.models import Allocation
-from tests.factories import AllocationFactory, ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
+from tests.factories import (AllocationFactory, ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory,
+                             ReservationFactory)
 from tests.reservations.conftest import at
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen")]
@@ -103,6 +104,25 @@ def test_earliest_finds_the_first_window_that_fits(fleet, tenant, member):
     assert found.offers[0].domains == ("ib-a",)
     nothing = selectors.availability_earliest(gpu_model=fleet.model, gpus=64, start=at(2), end=at(4), horizon=at(48))
     assert nothing.offers == [] and "No window" in nothing.reason["message"]
+
+
+def test_earliest_looks_through_the_whole_horizon(fleet):
+    # given ib-a's four nodes busy for 15 minutes of every half hour for five days: 240 moments at
+    # which a node frees up, none leaving room for a two-hour window
+    reservation = ReservationFactory(gpu_model=fleet.model, cluster=fleet.cluster)
+    Allocation.objects.bulk_create(
+        Allocation(reservation=reservation, node=fleet.nodes[f"a{i}"], starts_at=at(2 + k / 2),
+                   ends_at=at(2.25 + k / 2), blocked_until=at(2.25 + k / 2))
+        for i in range(4) for k in range(240))
+    # when the earliest two-hour window of the whole domain is asked for, within a week
+    found = selectors.availability_earliest(gpu_model=fleet.model, gpus=32, start=at(2), end=at(4),
+                                            horizon=at(24 * 7), same_domain=True)
+    # then it starts when the last of those periods ends, five days on
+    assert (found.start, found.end, found.offers[0].domains) == (at(121.75), at(123.75), ("ib-a",))
+    # and with a horizon before that, none is found, and the refusal says up to when it looked
+    nothing = selectors.availability_earliest(gpu_model=fleet.model, gpus=32, start=at(2), end=at(4),
+                                              horizon=at(121.5), same_domain=True)
+    assert nothing.offers == [] and "starting before 2026-12-06 09:30 UTC" in nothing.reason["message"]
 
 
 def test_capacity_buckets_count_free_gpus(fleet, tenant, member):
