@@ -288,27 +288,27 @@ def availability_search(*, gpu_model: GpuModel, gpus: int, start: datetime, end:
 _BUSY_PERIODS_SQL = """
 SELECT a.node_id, extract(epoch FROM a.starts_at)::float8, extract(epoch FROM a.blocked_until)::float8
 FROM reservations_allocation a JOIN inventory_node n ON n.id = a.node_id
-WHERE n.gpu_model_id = %(model)s AND n.cluster_id = ANY(%(clusters)s) AND a.state <> '{cancelled}'
+WHERE n.gpu_model_id = ANY(%(models)s) AND n.cluster_id = ANY(%(clusters)s) AND a.state <> '{cancelled}'
   AND a.starts_at < %(end)s AND a.blocked_until > %(start)s
   AND tstzrange(a.starts_at, a.blocked_until, '[)') && tstzrange(%(start)s, %(end)s, '[)')
 UNION ALL
 SELECT m.node_id, extract(epoch FROM m.starts_at)::float8, extract(epoch FROM m.ends_at)::float8
 FROM inventory_maintenancewindow m JOIN inventory_node n ON n.id = m.node_id
-WHERE n.gpu_model_id = %(model)s AND n.cluster_id = ANY(%(clusters)s) AND m.cancelled_at IS NULL
+WHERE n.gpu_model_id = ANY(%(models)s) AND n.cluster_id = ANY(%(clusters)s) AND m.cancelled_at IS NULL
   AND m.starts_at < %(end)s AND m.ends_at > %(start)s
 """.replace("{cancelled}", Allocation.State.CANCELLED.value)
 
 
-def _busy_periods(*, gpu_model: GpuModel, cluster_ids: list[int], start: datetime,
+def _busy_periods(*, model_ids: list[int], cluster_ids: list[int], start: datetime,
                   end: datetime) -> list[tuple[int, float, float]]:
     """(node id, from, until) in epoch seconds: every live allocation's blocked period and maintenance
-    window overlapping [start, end) on the model's nodes in these clusters."""
+    window overlapping [start, end) on the nodes of these models in these clusters."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute(_BUSY_PERIODS_SQL, {"model": gpu_model.pk, "clusters": list(cluster_ids),
+            cursor.execute(_BUSY_PERIODS_SQL, {"models": list(model_ids), "clusters": list(cluster_ids),
                                                "start": start, "end": end})
             return cursor.fetchall()
-    of_these_nodes = {"node__gpu_model": gpu_model, "node__cluster_id__in": cluster_ids}
+    of_these_nodes = {"node__gpu_model_id__in": model_ids, "node__cluster_id__in": cluster_ids}
     periods = [*allocations_overlapping(start=start, end=end).filter(**of_these_nodes)
                .values_list("node_id", "starts_at", "blocked_until"),
                *maintenance_overlapping(start=start, end=end).filter(**of_these_nodes)
@@ -342,7 +342,7 @@ def _fitting_starts(*, gpu_model: GpuModel, nodes: int, duration: timedelta, aft
                 .values_list("pk", "cluster_id", "topology_domain")}
     blocked: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for node_id, busy_from, busy_until in _busy_periods(
-            gpu_model=gpu_model, cluster_ids=cluster_ids, start=datetime.fromtimestamp(first * step, UTC),
+            model_ids=[gpu_model.pk], cluster_ids=cluster_ids, start=datetime.fromtimestamp(first * step, UTC),
             end=datetime.fromtimestamp(last * step + padded, UTC)):
         low, high = int((busy_from - padded) // step) + 1, -int(-busy_until // step) - 1
         if low <= high and node_id in group_of:
@@ -409,7 +409,10 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
                       region: Region | None = None) -> dict[str, list[CapacityBucket]]:
     """Per GPU model: GPUs on bookable nodes free for each whole bucket [t, t + step) of [start, end).
 
-    Three queries (nodes, allocations, maintenance in the range); the bucketing is done here.
+    Two queries (nodes, and their busy periods in the range as epoch seconds). Each node's busy
+    periods become merged runs of buckets; each run takes the node's GPUs off its model's free count
+    from its first bucket to its last, by a difference array: the work grows with the periods, not
+    with periods times buckets (a fortnight in hours over the full fleet took 7 s that way).
     """
     if step <= timedelta(0):
         raise InvalidInput("step must be positive.", fields={"step": ["must be positive"]})
@@ -418,34 +421,47 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
         raise InvalidInput(f"That is {buckets} buckets; at most {settings.MARKETPLACE['CAPACITY_MAX_BUCKETS']} "
                            f"per request: use a larger step or a shorter range.", fields={"step": ["too small"]})
     models = [gpu_model] if gpu_model else list(GpuModel.objects.order_by("name"))
-    node_filter = Q(gpu_model__in=models, status=Node.Status.AVAILABLE, cluster__status=Cluster.Status.ACTIVE) & ~Q(
-        health=Node.Health.UNHEALTHY)
+    clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE)
     if region is not None:
-        node_filter &= Q(cluster__region=region)
+        clusters = clusters.filter(region=region)
+    cluster_ids = list(clusters.values_list("pk", flat=True))
     nodes = {pk: (model_id, gpu_count) for pk, model_id, gpu_count in
-             Node.objects.filter(node_filter).values_list("pk", "gpu_model_id", "gpu_count")}
-    node_ids = Node.objects.filter(node_filter).values("pk")
-    periods = list(allocations_overlapping(start=start, end=end).filter(node_id__in=node_ids)
-                   .values_list("node_id", "starts_at", "blocked_until"))
-    periods += list(maintenance_overlapping(start=start, end=end).filter(node_id__in=node_ids)
-                    .values_list("node_id", "starts_at", "ends_at"))
-    busy: list[set[int]] = [set() for _ in range(buckets)]
-    for node_id, busy_from, busy_until in periods:
-        first = max(0, int((busy_from - start) // step))
-        last = min(buckets - 1, int(-(-(busy_until - start) // step)) - 1)
-        for index in range(first, last + 1):
-            busy[index].add(node_id)
+             Node.objects.filter(gpu_model__in=models, status=Node.Status.AVAILABLE, cluster_id__in=cluster_ids)
+             .exclude(health=Node.Health.UNHEALTHY).values_list("pk", "gpu_model_id", "gpu_count")}
+    origin, width = start.timestamp(), step.total_seconds()
+    runs: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for node_id, busy_from, busy_until in _busy_periods(model_ids=[model.pk for model in models],
+                                                        cluster_ids=cluster_ids, start=start, end=end):
+        if node_id in nodes:
+            # Buckets [first, last] overlap [busy_from, busy_until): the last is the one before the
+            # bucket that starts at or after busy_until.
+            first = max(0, int((busy_from - origin) // width))
+            last = min(buckets - 1, -int(-(busy_until - origin) // width) - 1)
+            runs[node_id].append((first, last))
+    taken: dict[int, list[int]] = {model.pk: [0] * (buckets + 1) for model in models}
+    for node_id, node_runs in runs.items():
+        model_id, gpu_count = nodes[node_id]
+        changes = taken[model_id]
+        run_first, run_last = None, None
+        for first, last in sorted(node_runs) + [(buckets + 1, buckets + 1)]:
+            if run_last is not None and first <= run_last + 1:
+                run_last = max(run_last, last)  # overlapping or adjacent: one run
+                continue
+            if run_last is not None:
+                changes[run_first] += gpu_count
+                changes[run_last + 1] -= gpu_count
+            run_first, run_last = first, last
     totals: dict[int, int] = defaultdict(int)
     for model_id, gpu_count in nodes.values():
         totals[model_id] += gpu_count
     result: dict[str, list[CapacityBucket]] = {}
     for model in models:
-        series = []
+        series, held = [], 0
         for index in range(buckets):
+            held += taken[model.pk][index]
             bucket_start = start + index * step
-            taken = sum(nodes[n][1] for n in busy[index] if nodes[n][0] == model.pk)
             series.append(CapacityBucket(start=bucket_start, end=min(bucket_start + step, end),
-                                         total_gpus=totals[model.pk], free_gpus=totals[model.pk] - taken))
+                                         total_gpus=totals[model.pk], free_gpus=totals[model.pk] - held))
         result[model.name] = series
     return result
 

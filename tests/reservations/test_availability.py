@@ -139,6 +139,23 @@ def test_capacity_buckets_count_free_gpus(fleet, tenant, member):
     assert free == [32, 40, 24, 24, 24, 40]
 
 
+def test_capacity_counts_a_node_once_however_its_busy_periods_overlap(fleet):
+    # given a0 allocated 1h-2h and again 2h-3h (back to back), in maintenance 1h30-2h30 across both,
+    # and b0 allocated 4h10-4h20, inside one bucket
+    reservation = ReservationFactory(gpu_model=fleet.model, cluster=fleet.cluster)
+    Allocation.objects.bulk_create([
+        Allocation(reservation=reservation, node=fleet.nodes["a0"], starts_at=at(1), ends_at=at(2), blocked_until=at(2)),
+        Allocation(reservation=reservation, node=fleet.nodes["a0"], starts_at=at(2), ends_at=at(3), blocked_until=at(3)),
+        Allocation(reservation=reservation, node=fleet.nodes["b0"], starts_at=at(4) + timedelta(minutes=10),
+                   ends_at=at(4) + timedelta(minutes=20), blocked_until=at(4) + timedelta(minutes=20)),
+    ])
+    MaintenanceWindow.objects.create(node=fleet.nodes["a0"], starts_at=at(1.5), ends_at=at(2.5))
+    # when the free GPUs are counted per hour
+    timeline = selectors.capacity_timeline(start=at(0), end=at(6), step=timedelta(hours=1), gpu_model=fleet.model)
+    # then each node's 8 GPUs are taken once in every hour it is busy at all
+    assert [b.free_gpus for b in timeline["H100-SXM-80GB"]] == [48, 40, 40, 48, 40, 48]
+
+
 def test_the_offered_domain_is_the_one_a_booking_takes(fleet, tenant, member):
     from marketplace.core.services import Actor
 
