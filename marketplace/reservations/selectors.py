@@ -327,7 +327,7 @@ def _fitting_starts(*, gpu_model: GpuModel, nodes: int, duration: timedelta, aft
     between the period's start minus the padded duration and its end. Every node's remaining starts
     on the booking grid become +1/-1 edges of its group, and one sweep over time finds where a group
     first holds enough nodes: two queries over the horizon instead of a search per candidate start.
-    Times are whole grid steps since the epoch inside; a full fleet's fortnight is 10^5 periods.
+    Inside, times are whole grid steps since the epoch.
     """
     step = int(policies.granularity().total_seconds())
     padded = (duration + cleaning_gap()).total_seconds()
