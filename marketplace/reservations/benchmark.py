@@ -6,6 +6,7 @@ reservations — loaded in bulk (COPY on PostgreSQL, multi-row INSERT elsewhere)
 
 - availability search as the API runs it (parameter lookups, policy checks, free-node query,
   offers) against the same free-node query written by hand in SQL (the floor);
+- earliest-start searches over the default horizon, and the capacity calendar for 14 days by hour;
 - bookings per second with 1, 4 and 16 clients, each with its own database connection calling
   ``reservation_create`` (the API's service) on overlapping windows: once as threads of this one
   process (top-level ``bookings``) and once as forked processes (``processes.bookings``);
@@ -23,6 +24,7 @@ import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.management import CommandError
 from django.db import connection, connections, transaction
 from django.test.utils import override_settings
@@ -48,6 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--nodes", type=int, default=25_000)
     parser.add_argument("--reservations", type=int, default=1_000_000)
     parser.add_argument("--searches", type=int, default=300, help="availability searches to time")
+    parser.add_argument("--earliest", type=int, default=10, help="earliest-start searches (14-day horizon) to time")
     parser.add_argument("--bookings", type=int, default=240, help="bookings per concurrency level")
     parser.add_argument("--floor-seconds", type=float, default=2.0, help="how long each INSERT floor run lasts")
     parser.add_argument("--repeat", type=int, default=3,
@@ -82,6 +85,9 @@ def _run(options, stdout) -> dict:
     stdout.write(f"fleet ready in {load_seconds:.1f}s: {fleet}\n")
     figures["search"] = _measure_search(count=options["searches"], rng=rng)
     stdout.write(f"search: {figures['search']}\n")
+    figures["earliest"] = _measure_earliest(count=options["earliest"], rng=rng)
+    figures["capacity"] = _measure_capacity()
+    stdout.write(f"earliest: {figures['earliest']}\ncapacity: {figures['capacity']}\n")
     # Two client models, each measured against its own INSERT floor: "threads" (top-level
     # insert_floor_tx_per_s and bookings) are threads of this one process; "processes" are forked
     # processes, one per client. Each booking run books its own week, so the runs do not interfere;
@@ -297,6 +303,37 @@ def _measure_search(*, count: int, rng: random.Random) -> dict:
         result["sql_floor_p95_ms"] = _percentile(floor_ms, 95)
         result["p95_over_floor"] = round(result["p95_ms"] / max(result["sql_floor_p95_ms"], 0.001), 2)
     return result
+
+
+def _measure_earliest(*, count: int, rng: random.Random) -> dict:
+    """``earliest=true`` as the API runs it, over the default 14-day horizon: a mix of requests, some
+    of which fit only days later or never (the horizon is then searched to its end)."""
+    model = selectors.gpu_model_by_name(MODELS[0][0])
+    step = policies.granularity()
+    elapsed, found = [], 0
+    for _ in range(count):
+        start = policies.ceil_to_granularity(timezone.now() + step * rng.randint(4, 4 * 24 * 3))
+        end = start + step * rng.randint(4 * 4, 4 * 24)
+        t0 = time.perf_counter()
+        result = selectors.availability_earliest(
+            gpu_model=model, gpus=8 * rng.choice([4, 16, 32, 64, 256]), start=start, end=end,
+            horizon=start + settings.MARKETPLACE["SEARCH_HORIZON"], same_domain=rng.random() < 0.5)
+        elapsed.append((time.perf_counter() - t0) * 1000)
+        found += bool(result.offers)
+    if not elapsed:
+        return {"searches": 0}
+    return {"searches": count, "found": found, "p50_ms": _percentile(elapsed, 50), "max_ms": round(max(elapsed), 2)}
+
+
+def _measure_capacity() -> dict:
+    """The booking calendar: every model's free GPUs per hour over the next 14 days (median of 3)."""
+    start = policies.ceil_to_granularity(timezone.now())
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        timeline = selectors.capacity_timeline(start=start, end=start + timedelta(days=14), step=timedelta(hours=1))
+        runs.append((time.perf_counter() - t0) * 1000)
+    return {"buckets": sum(len(series) for series in timeline.values()), "ms": round(statistics.median(runs), 2)}
 
 
 # --- writes ---------------------------------------------------------------------------------------
