@@ -59,12 +59,19 @@ def bookable_nodes(*, gpu_model: GpuModel, region: Region | None = None,
     joining the tiny cluster table makes the planner guess "few nodes" and probe every node's
     allocations one by one, where one scan of the window's allocations is four times faster.
     """
-    if cluster_ids is None:
-        clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE)
-        if region is not None:
-            clusters = clusters.filter(region=region)
-        cluster_ids = list(clusters.values_list("pk", flat=True))
-    return Node.objects.filter(gpu_model=gpu_model, status=Node.Status.AVAILABLE,
+    return _bookable_nodes_of(models=[gpu_model],
+                              cluster_ids=active_cluster_ids(region) if cluster_ids is None else cluster_ids)
+
+
+def active_cluster_ids(region: Region | None = None) -> list[int]:
+    clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE)
+    if region is not None:
+        clusters = clusters.filter(region=region)
+    return list(clusters.values_list("pk", flat=True))
+
+
+def _bookable_nodes_of(*, models: list[GpuModel], cluster_ids: list[int]) -> QuerySet[Node]:
+    return Node.objects.filter(gpu_model__in=models, status=Node.Status.AVAILABLE,
                                cluster_id__in=cluster_ids).exclude(health=Node.Health.UNHEALTHY)
 
 
@@ -409,10 +416,11 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
                       region: Region | None = None) -> dict[str, list[CapacityBucket]]:
     """Per GPU model: GPUs on bookable nodes free for each whole bucket [t, t + step) of [start, end).
 
-    Two queries (nodes, and their busy periods in the range as epoch seconds). Each node's busy
-    periods become merged runs of buckets; each run takes the node's GPUs off its model's free count
-    from its first bucket to its last, by a difference array: the work grows with the periods, not
-    with periods times buckets (a fortnight in hours over the full fleet took 7 s that way).
+    Three queries (active clusters, their nodes, the nodes' busy periods in the range as epoch
+    seconds). Each node's busy periods become merged runs of buckets; each run takes the node's GPUs
+    off its model's free count from its first bucket to its last, by a difference array: the work
+    grows with the periods, not with periods times buckets (a fortnight in hours over the full fleet
+    took 7 s that way).
     """
     if step <= timedelta(0):
         raise InvalidInput("step must be positive.", fields={"step": ["must be positive"]})
@@ -421,13 +429,9 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
         raise InvalidInput(f"That is {buckets} buckets; at most {settings.MARKETPLACE['CAPACITY_MAX_BUCKETS']} "
                            f"per request: use a larger step or a shorter range.", fields={"step": ["too small"]})
     models = [gpu_model] if gpu_model else list(GpuModel.objects.order_by("name"))
-    clusters = Cluster.objects.filter(status=Cluster.Status.ACTIVE)
-    if region is not None:
-        clusters = clusters.filter(region=region)
-    cluster_ids = list(clusters.values_list("pk", flat=True))
+    cluster_ids = active_cluster_ids(region)
     nodes = {pk: (model_id, gpu_count) for pk, model_id, gpu_count in
-             Node.objects.filter(gpu_model__in=models, status=Node.Status.AVAILABLE, cluster_id__in=cluster_ids)
-             .exclude(health=Node.Health.UNHEALTHY).values_list("pk", "gpu_model_id", "gpu_count")}
+             _bookable_nodes_of(models=models, cluster_ids=cluster_ids).values_list("pk", "gpu_model_id", "gpu_count")}
     origin, width = start.timestamp(), step.total_seconds()
     runs: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for node_id, busy_from, busy_until in _busy_periods(model_ids=[model.pk for model in models],
