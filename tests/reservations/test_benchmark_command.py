@@ -39,6 +39,11 @@ def test_benchmark_booking_reports_figures_and_no_double_bookings():
     # each level is the median of three runs, each on its own week
     assert all(len(level["runs_per_s"]) == 3 for level in figures["bookings"].values())
     assert figures["bookings"]["16"]["bookings_per_s"] == sorted(figures["bookings"]["16"]["runs_per_s"])[1]
+    # the target compares each round's booking run with the floor measured in the same round
+    floors16 = figures["insert_floor_runs_tx_per_s"]["16"]
+    assert len(floors16) == 3 and figures["insert_floor_tx_per_s"]["16"] == sorted(floors16)[1]
+    ratios = sorted(rate / floor for rate, floor in zip(figures["bookings"]["16"]["runs_per_s"], floors16))
+    assert figures["targets"]["bookings16_over_insert_floor_16_clients"] == round(ratios[1], 3)
     assert Allocation.objects.count() >= 256
 
 
