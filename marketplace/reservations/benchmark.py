@@ -15,7 +15,6 @@ reservations — loaded in bulk (COPY on PostgreSQL, multi-row INSERT elsewhere)
 - double and partial bookings found afterwards by SQL (must be 0).
 """
 
-import gc
 import multiprocessing
 import random
 import statistics
@@ -387,12 +386,7 @@ def _in_processes(clients: int, work, warm_up) -> tuple[float, list]:
     Threads share one interpreter lock, so the Python half of each client's work runs one at a
     time; processes are how a web server runs the API (one worker process per request in flight).
     The clock stops when the last client finishes its work, not when the processes have exited.
-
-    A web server forks its workers once and keeps them; these live for one run, so what a worker
-    pays once after the fork is kept out of the clock as far as it can be: the parent's objects
-    are frozen out of the children's garbage collections (gc.freeze, as the gc module documents
-    for fork without exec; a collection would otherwise write to every inherited object and copy
-    each page of the heap on write), and connections close together after the clock stops.
+    Each client keeps its connection until every client has finished (see _hang_up_together).
     """
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(clients + 1)
@@ -413,12 +407,8 @@ def _in_processes(clients: int, work, warm_up) -> tuple[float, list]:
     # Each child opens its own connection: none may inherit the parent's socket.
     connections.close_all()
     processes = [context.Process(target=body, args=(i,), daemon=True) for i in range(clients)]
-    gc.freeze()
-    try:
-        for process in processes:
-            process.start()
-    finally:
-        gc.unfreeze()
+    for process in processes:
+        process.start()
     barrier.wait()
     t0 = time.monotonic()
     reports = [queue.get() for _ in processes]
@@ -438,8 +428,8 @@ def _hang_up_together(all_done) -> None:
 
     A client that closed as soon as it finished would end its server process while the others
     still run, on the same cores, inside their clock; the INSERT floor's clients all stop at one
-    deadline, so theirs never do. A client that failed breaks the barrier rather than hold the
-    others up.
+    deadline, so theirs never do. Every client gets here (from a finally block), so the timeout
+    only bounds the wait for a client stuck elsewhere.
     """
     try:
         all_done.wait(timeout=600)
