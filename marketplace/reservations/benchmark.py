@@ -69,7 +69,7 @@ def run(options, stdout) -> dict:
 
 def _run(options, stdout) -> dict:
     repeat = max(1, options["repeat"])
-    last_week = _booking_week(3 * len(CLIENT_MODELS) * repeat)
+    last_week = _booking_week(len(BOOKING_CLIENTS) * len(CLIENT_MODELS) * repeat)
     if last_week > policies.policy("MAX_LEAD_TIME"):
         raise CommandError(f"--repeat {repeat} books up to {last_week.days} days ahead, beyond the booking lead-time "
                            f"policy ({policies.policy('MAX_LEAD_TIME').days} days): repeat fewer times.")
@@ -107,9 +107,9 @@ def _run(options, stdout) -> dict:
                 floors[str(clients)].append(_insert_floor(clients=clients, seconds=options["floor_seconds"],
                                                           model=model))
             for level, clients in enumerate(BOOKING_CLIENTS):
-                runs[str(clients)].append(_measure_bookings(
-                    clients=clients, total=options["bookings"], level=(3 * offset + level) * repeat + run,
-                    seed=options["seed"], model=model))
+                week = (len(BOOKING_CLIENTS) * offset + level) * repeat + run
+                runs[str(clients)].append(_measure_bookings(clients=clients, total=options["bookings"], level=week,
+                                                            seed=options["seed"], model=model))
         section["insert_floor_tx_per_s"] = {clients: statistics.median(values) for clients, values in floors.items()}
         section["insert_floor_runs_tx_per_s"] = floors
         stdout.write(f"insert floor ({model}): {floors}\n")
