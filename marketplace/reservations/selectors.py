@@ -204,6 +204,15 @@ class Offer:
     start: datetime
     end: datetime
 
+    @classmethod
+    def in_cluster(cls, *, cluster: "PricedCluster", nodes: int, gpus: int, domains: tuple[str, ...],
+                   start: datetime, end: datetime) -> "Offer":
+        """The offer of ``nodes`` nodes (``gpus`` GPUs) in ``domains`` of ``cluster`` for [start, end), priced."""
+        return cls(region=cluster.region_code, cluster=cluster.name, cluster_id=cluster.cluster_id, nodes=nodes,
+                   gpus=gpus, same_domain=len(domains) == 1, domains=domains, unit_price=cluster.unit_price,
+                   total_price=money.reservation_total(unit_price=cluster.unit_price, gpus=gpus, duration=end - start),
+                   currency=cluster.currency, start=start, end=end)
+
 
 @dataclass
 class Availability:
@@ -246,12 +255,7 @@ def offers_for(*, gpu_model: GpuModel, nodes: int, start: datetime, end: datetim
         domains = plan_domains(counts.get(cluster.cluster_id, {}), nodes, same_domain=same_domain)
         if domains is None:
             continue
-        offers.append(Offer(
-            region=cluster.region_code, cluster=cluster.name, cluster_id=cluster.cluster_id, nodes=nodes, gpus=gpus,
-            same_domain=len(domains) == 1, domains=domains, unit_price=cluster.unit_price,
-            total_price=money.reservation_total(unit_price=cluster.unit_price, gpus=gpus, duration=end - start),
-            currency=cluster.currency, start=start, end=end,
-        ))
+        offers.append(Offer.in_cluster(cluster=cluster, nodes=nodes, gpus=gpus, domains=domains, start=start, end=end))
     offers.sort(key=lambda o: (not o.same_domain, o.total_price, o.cluster))
     return offers
 

@@ -163,12 +163,8 @@ def _first_fit(*, model: GpuModel, region: Region | None, nodes: int, start: dat
             node_ids = _lock_random(free.filter(topology_domain=domain), nodes)
             if len(node_ids) < nodes:
                 continue  # concurrent bookings are taking this domain; try the next one
-            offer = selectors.Offer(
-                region=cluster.region_code, cluster=cluster.name, cluster_id=cluster.cluster_id, nodes=nodes,
-                gpus=gpus, same_domain=True, domains=(domain,), unit_price=cluster.unit_price,
-                total_price=money.reservation_total(unit_price=cluster.unit_price, gpus=gpus, duration=end - start),
-                currency=cluster.currency, start=start, end=end,
-            )
+            offer = selectors.Offer.in_cluster(cluster=cluster, nodes=nodes, gpus=gpus, domains=(domain,),
+                                               start=start, end=end)
             return offer, node_ids
     return None
 
@@ -527,20 +523,17 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
                                  gpus=gpus, enforce=enforce)
 
         plan = None
-        for index, (cluster_id, cluster_name, region, price, currency, domain, node_ids) in enumerate(
-                row[9:] for row in rows if row[9] is not None):
+        # Columns 9-13 are a selectors.PricedCluster's fields in order, 14-15 the pick.
+        for index, row in enumerate(row for row in rows if row[9] is not None):
+            cluster, (domain, node_ids) = selectors.PricedCluster(*row[9:14]), row[14:16]
             if index > 0:
-                picked = fetch_prepared(_PICK_NODES_SQL, pick_params | {"model": model_id, "cluster": cluster_id,
-                                                                        "nodes": nodes})
+                picked = fetch_prepared(_PICK_NODES_SQL, pick_params | {"model": model_id,
+                                                                        "cluster": cluster.cluster_id, "nodes": nodes})
                 domain, node_ids = picked[0] if picked else (None, None)
             if domain is None:
                 continue
-            offer = selectors.Offer(
-                region=region, cluster=cluster_name, cluster_id=cluster_id, nodes=nodes, gpus=gpus,
-                same_domain=True, domains=(domain,), unit_price=price, currency=currency, start=start, end=end,
-                total_price=money.reservation_total(unit_price=price, gpus=gpus, duration=end - start),
-            )
-            plan = offer, list(node_ids)
+            plan = selectors.Offer.in_cluster(cluster=cluster, nodes=nodes, gpus=gpus, domains=(domain,),
+                                              start=start, end=end), list(node_ids)
             break
         if plan is None:
             # No single domain fits: the full search says why, or offers nodes across domains.
