@@ -335,8 +335,13 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # re-probes every domain already full in that window, node by node: as a window fills, that walk
 # was most of a booking's cost. The walk starts instead at the domain of the cluster's latest
 # booking overlapping the window (among its 64 latest bookings of the model), which first fit has
-# just reached, and wraps round to the first domains after the last one, so every domain is still
-# tried. Domains before the start are full for that booking's window, or it would have taken them.
+# just reached, and wraps round to the first domains after the last one. Domains before the start
+# are full for that booking's window, or it would have taken them.
+#
+# A walk tries at most WALK_MAX_DOMAINS domains. In a window where the fleet is nearly full, every
+# domain it tries is probed node by node in vain: walking all of them took 25-65 ms per cluster, and
+# a booking walks every priced cluster before it falls back to the free-node count over them all
+# (selectors.availability_search, one grouped query), which finds any domain the walk did not reach.
 #
 # Concurrent bookings of one window would all start at that domain and take each other's nodes
 # (SKIP LOCKED, then lost races): the first WALK_SPREAD_DOMAINS domains from it are tried in random
@@ -344,8 +349,9 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # booking of a window (no latest booking overlaps it) is plain first fit from the first domain.
 #
 # The walk is three lazy index scans of the domains (name, lowest and highest node id), appended in
-# that order (the spread few, the rest from the start, then those before it); the nested loop keeps
-# that order and LIMIT 1 stops at the first domain that fits, so only the domains walked are read.
+# that order (the spread few, the rest from the start, then those before it) and cut off at
+# WALK_MAX_DOMAINS; the nested loop keeps that order and LIMIT 1 stops at the first domain that
+# fits, so only the domains walked are read.
 # Without an ORDER BY at the top, SQL would allow any fitting domain: only the packing preference
 # rests on that order. Within a domain, the same: two lazy scans of node_search_idx, appended.
 #
@@ -354,6 +360,7 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # Prepared statements get one generic plan, made before any parameter value is known: parameters
 # are cast, and the fixed states are literals so that the partial indexes' predicates still match.
 WALK_SPREAD_DOMAINS = 4
+WALK_MAX_DOMAINS = 8
 _PICK_NODES_TEMPLATE = """
 SELECT d.topology_domain, picked.ids
 FROM {target} AS t
@@ -368,13 +375,16 @@ LEFT JOIN LATERAL (
   ORDER BY latest.created_at DESC LIMIT 1
 ) hint ON true
 CROSS JOIN LATERAL (
-  (SELECT * FROM ({domains} AND topology_domain >= COALESCE(hint.domain, '') {group}
-                  ORDER BY topology_domain LIMIT {spread}) first_few
-   ORDER BY CASE WHEN hint.domain IS NOT NULL THEN random() END, topology_domain)
-  UNION ALL
-  ({domains} AND topology_domain >= COALESCE(hint.domain, '') {group} ORDER BY topology_domain OFFSET {spread})
-  UNION ALL
-  ({domains} AND topology_domain < COALESCE(hint.domain, '') {group} ORDER BY topology_domain)
+  SELECT * FROM (
+    (SELECT * FROM ({domains} AND topology_domain >= COALESCE(hint.domain, '') {group}
+                    ORDER BY topology_domain LIMIT {spread}) first_few
+     ORDER BY CASE WHEN hint.domain IS NOT NULL THEN random() END, topology_domain)
+    UNION ALL
+    ({domains} AND topology_domain >= COALESCE(hint.domain, '') {group} ORDER BY topology_domain OFFSET {spread})
+    UNION ALL
+    ({domains} AND topology_domain < COALESCE(hint.domain, '') {group} ORDER BY topology_domain)
+  ) walk
+  LIMIT {walk}
 ) d
 CROSS JOIN LATERAL (SELECT d.lowest + floor(random() * (d.highest - d.lowest + 1))::bigint AS id) first_node
 CROSS JOIN LATERAL (
@@ -407,7 +417,8 @@ _FREE_NODES = """SELECT n.id FROM inventory_node n
 _PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).replace("{free}", _FREE_NODES).replace(
     "{group}", "GROUP BY topology_domain").replace(
     "{available}", Node.Status.AVAILABLE.value).replace("{unhealthy}", Node.Health.UNHEALTHY.value).replace(
-    "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS))
+    "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS)).replace(
+    "{walk}", str(WALK_MAX_DOMAINS))
 _PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace(
     "{target}", "(SELECT %(model)s::bigint AS model, %(cluster)s::bigint AS cluster, %(nodes)s::int AS nodes, "
                 "true AS whole)")

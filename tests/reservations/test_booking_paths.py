@@ -12,7 +12,7 @@ from marketplace.reservations import selectors, services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.services import InsufficientCapacity
-from marketplace.inventory.models import Node
+from marketplace.inventory.models import MaintenanceWindow, Node
 from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
 from tests.reservations.conftest import at
 
@@ -167,6 +167,25 @@ def test_a_window_s_later_bookings_start_near_the_latest_one_and_still_reach_eve
     assert sorted(booked) == sorted(node.name for node in Node.objects.all())
     with pytest.raises(InsufficientCapacity):
         book(tenant, actor, gpus=8)
+
+
+@pytest.mark.postgres_only
+def test_a_walk_gives_up_after_its_last_domain_and_the_count_still_finds_a_free_one(fleet, tenant, actor):
+    # given more domains than a walk tries, every one in maintenance for the window except the
+    # last by name (maintenance is no booking: no hint, so the walk is first fit from ib-a)
+    for index in range(services.WALK_MAX_DOMAINS):
+        NodeFactory(name=f"m{index}", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain=f"ib-m{index}")
+    free = NodeFactory(name="z", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain="ib-z")
+    MaintenanceWindow.objects.bulk_create(MaintenanceWindow(node=node, starts_at=at(0), ends_at=at(12))
+                                          for node in Node.objects.exclude(pk=free.pk))
+    # when a one-node booking comes for that window
+    with CaptureQueriesContext(connection) as queries:
+        booked = book(tenant, actor, gpus=8).reservation
+    # then the walk stopped after WALK_MAX_DOMAINS busy domains, and the free-node count over the
+    # cluster (the search's) found the last one, which the booking got
+    assert any(query["sql"].lstrip().startswith("SELECT n.cluster_id, n.topology_domain, count(*)")
+               for query in queries.captured_queries)
+    assert list(booked.allocations.values_list("node__name", flat=True)) == ["z"]
 
 
 def prepared_statements() -> int:
