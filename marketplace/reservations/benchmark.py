@@ -7,6 +7,7 @@ reservations — loaded in bulk (COPY on PostgreSQL, multi-row INSERT elsewhere)
 - availability search as the API runs it (parameter lookups, policy checks, free-node query,
   offers) against the same free-node query written by hand in SQL (the floor);
 - earliest-start searches over the default horizon, and the capacity calendar for 14 days by hour;
+- booking latency, one booking at a time, in the weeks where the synthetic fleet is nearly full;
 - bookings per second with 1, 4 and 16 clients, each with its own database connection calling
   ``reservation_create`` (the API's service) on overlapping windows: once as threads of this one
   process (top-level ``bookings``) and once as forked processes (``processes.bookings``);
@@ -52,6 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--searches", type=int, default=300, help="availability searches to time")
     parser.add_argument("--earliest", type=int, default=10, help="earliest-start searches (14-day horizon) to time")
     parser.add_argument("--bookings", type=int, default=240, help="bookings per concurrency level")
+    parser.add_argument("--busy-bookings", type=int, default=60,
+                        help="bookings to time, one at a time, in the weeks the synthetic fleet is nearly full")
     parser.add_argument("--floor-seconds", type=float, default=2.0, help="how long each INSERT floor run lasts")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each floor and booking level; the median run is reported (a run is short)")
@@ -88,6 +91,8 @@ def _run(options, stdout) -> dict:
     figures["earliest"] = _measure_earliest(count=options["earliest"], rng=rng)
     figures["capacity"] = _measure_capacity()
     stdout.write(f"earliest: {figures['earliest']}\ncapacity: {figures['capacity']}\n")
+    figures["busy_bookings"] = _measure_busy_bookings(count=options["busy_bookings"], rng=rng)
+    stdout.write(f"bookings in a busy fleet: {figures['busy_bookings']}\n")
     # Two client models, each measured against its own INSERT floor: "threads" (top-level
     # insert_floor_tx_per_s and bookings) are threads of this one process; "processes" are forked
     # processes, one per client. Each booking run books its own week, so the runs do not interfere;
@@ -120,8 +125,9 @@ def _run(options, stdout) -> dict:
             stdout.write(f"bookings with {clients} clients ({model}): {section['bookings'][clients]}\n")
     figures["double_bookings"] = _double_bookings()
     figures["partial_bookings"] = _partial_bookings()
-    figures["server_errors"] = sum(level["server_errors"] for section in (figures, figures.get("processes", {}))
-                                   for level in section.get("bookings", {}).values())
+    figures["server_errors"] = figures["busy_bookings"]["server_errors"] + sum(
+        level["server_errors"] for section in (figures, figures.get("processes", {}))
+        for level in section.get("bookings", {}).values())
     figures["targets"] = _targets(figures)
     return figures
 
@@ -346,6 +352,37 @@ def _measure_capacity() -> dict:
 
 
 # --- writes ---------------------------------------------------------------------------------------
+
+def _measure_busy_bookings(*, count: int, rng: random.Random) -> dict:
+    """``count`` bookings, one at a time, of 1 to 16 nodes for 2-48 hours starting 1-20 days ahead,
+    where the synthetic fleet is nearly full: latency as a tenant meets it, refusals included (most
+    domains have no room, so a booking walks clusters in vain and falls back to the free-node count).
+    """
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.get(username=f"{PREFIX}-user")
+    tenants = list(Tenant.objects.filter(slug__startswith=f"{PREFIX}-").order_by("slug"))
+    step = policies.granularity()
+    counts, elapsed = {"booked": 0, "refused": 0, "server_errors": 0}, []
+    for index in range(count):
+        start = policies.ceil_to_granularity(timezone.now() + step * rng.randint(4 * 24, 4 * 24 * 20))
+        t0 = time.perf_counter()
+        try:
+            services.reservation_create(actor=Actor.for_user(user), tenant=tenants[index % len(tenants)],
+                                        gpu_model=MODELS[0][0], gpus=8 * rng.choice([1, 4, 8, 16]), start=start,
+                                        end=start + step * rng.randint(4 * 2, 4 * 48), same_domain=rng.random() < 0.5)
+            outcome = "booked"
+        except ServiceError:
+            outcome = "refused"
+        except Exception:  # noqa: BLE001 - the figure to report is exactly "anything else"
+            outcome = "server_errors"
+        elapsed.append((time.perf_counter() - t0) * 1000)
+        counts[outcome] += 1
+    if not elapsed:
+        return {"bookings": 0} | counts
+    return {"bookings": count} | counts | {"p50_ms": _percentile(elapsed, 50), "p95_ms": _percentile(elapsed, 95),
+                                           "max_ms": round(max(elapsed), 2)}
+
 
 CLIENT_MODELS = ("threads", "processes")
 FLOOR_CLIENTS = (1, 16)

@@ -15,7 +15,7 @@ from marketplace.reservations.models import Allocation
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--nodes", "64", "--reservations", "256", "--searches", "5", "--earliest", "2", "--bookings", "16",
-        "--floor-seconds", "0.2"]
+        "--busy-bookings", "6", "--floor-seconds", "0.2"]
 
 
 def figures_of(output: str) -> dict:
@@ -34,6 +34,9 @@ def test_benchmark_booking_reports_figures_and_no_double_bookings():
     assert {"p50_ms", "p95_ms", "p99_ms", "sql_floor_p95_ms"} <= set(figures["search"])
     assert figures["earliest"]["searches"] == 2 and {"found", "p50_ms", "max_ms"} <= set(figures["earliest"])
     assert figures["capacity"]["buckets"] == 2 * 14 * 24 and figures["capacity"]["ms"] > 0
+    busy = figures["busy_bookings"]
+    assert busy["bookings"] == 6 and busy["booked"] + busy["refused"] == 6 and busy["server_errors"] == 0
+    assert 0 < busy["p50_ms"] <= busy["p95_ms"] <= busy["max_ms"]
     assert set(figures["bookings"]) == {"1", "4", "16"}
     assert sum(level["booked"] for level in figures["bookings"].values()) > 0
     # each level is the median of three runs, each on its own week
