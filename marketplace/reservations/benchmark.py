@@ -398,22 +398,30 @@ def _in_threads(clients: int, work, warm_up) -> tuple[float, list]:
     barrier = threading.Barrier(clients + 1)
     all_done = threading.Barrier(clients)
     results: list = [None] * clients
+    errors: list = [None] * clients
 
     def body(index):
         try:
             warm_up(index)
             barrier.wait()
             results[index] = work(index)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller, which raises
+            errors[index] = repr(exc)
+            barrier.abort()  # or the others would wait for it at the start for ever
         finally:
             _hang_up_together(all_done)
 
     threads = [threading.Thread(target=body, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass  # a client failed before the start: its error is raised below
     t0 = time.perf_counter()
     for thread in threads:
         thread.join()
+    _raise_client_failure(errors)
     return time.perf_counter() - t0, results
 
 
@@ -438,6 +446,7 @@ def _in_processes(clients: int, work, warm_up) -> tuple[float, list]:
             queue.put((index, result, time.monotonic(), None))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which re-raises
             queue.put((index, None, time.monotonic(), repr(exc)))
+            barrier.abort()  # or the others would wait for it at the start for ever
         finally:
             _hang_up_together(all_done)
 
@@ -446,18 +455,28 @@ def _in_processes(clients: int, work, warm_up) -> tuple[float, list]:
     processes = [context.Process(target=body, args=(i,), daemon=True) for i in range(clients)]
     for process in processes:
         process.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass  # a client failed before the start: its error is raised below
     t0 = time.monotonic()
     reports = [queue.get() for _ in processes]
     for process in processes:
         process.join()
-    errors = [error for *_, error in reports if error]
-    if errors:
-        raise RuntimeError(f"benchmark client failed: {errors[0]}")
+    _raise_client_failure([error for *_, error in reports])
     results: list = [None] * clients
     for index, result, _, _ in reports:
         results[index] = result
     return max(finished for _, _, finished, _ in reports) - t0, results
+
+
+def _raise_client_failure(errors: list) -> None:
+    """Raise the first client error, if any (repr strings; None for a client that succeeded). The
+    others that then found the start barrier broken failed because of it, so theirs come last."""
+    failed = [error for error in errors if error]
+    if failed:
+        failed.sort(key=lambda error: error.startswith("BrokenBarrierError"))
+        raise RuntimeError(f"benchmark client failed: {failed[0]}")
 
 
 def _hang_up_together(all_done) -> None:

@@ -72,3 +72,20 @@ def test_benchmark_booking_with_process_clients():
     assert set(figures["processes"]["bookings"]) == {"1", "4", "16"}
     assert sum(level["booked"] for level in figures["processes"]["bookings"].values()) > 0
     assert figures["double_bookings"] == 0 and figures["partial_bookings"] == 0 and figures["server_errors"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_fails_before_the_start_ends_the_run_with_its_error():
+    from marketplace.reservations import benchmark
+
+    # given four thread clients, the second of which fails while warming up
+    def warm_up(index):
+        if index == 1:
+            raise ValueError("client 1 could not book its warm-up")
+
+    # when they run, then the run ends with that client's error, not with the others waiting for it
+    with pytest.raises(RuntimeError, match="client 1 could not book its warm-up"):
+        benchmark._in_threads(4, work=lambda index: index, warm_up=warm_up)
+    # and a failure inside the measured work is raised the same way
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        benchmark._in_threads(4, work=lambda index: 1 / (index - 2), warm_up=lambda index: None)
