@@ -8,9 +8,10 @@ from django.db import IntegrityError, connection, connections, transaction
 
 from marketplace.core.exceptions import ServiceError
 from marketplace.core.services import Actor
+from marketplace.inventory.models import MaintenanceWindow, Node
 from marketplace.reservations import services
 from marketplace.reservations.models import Allocation, Reservation
-from tests.factories import MembershipFactory, TenantFactory
+from tests.factories import MembershipFactory, NodeFactory, TenantFactory
 from tests.reservations.conftest import at
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen")]
@@ -68,6 +69,36 @@ def test_racing_bookings_never_overlap_and_are_all_or_nothing(fleet):
     for reservation in Reservation.objects.all():
         assert reservation.allocations.exclude(state="cancelled").count() == 2
     assert Reservation.objects.count() == 3
+
+
+def test_racing_bookings_past_the_walk_s_reach_never_overlap_either(fleet):
+    # given more domains in maintenance for the window than a walk tries, and 4 free nodes in the
+    # last domain by name, which only the free-node count reaches
+    for index in range(services.WALK_MAX_DOMAINS):
+        NodeFactory(name=f"m{index}", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain=f"ib-m{index}")
+    busy = list(Node.objects.all())
+    free = [NodeFactory(name=f"z{index}", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain="ib-z")
+            for index in range(4)]
+    MaintenanceWindow.objects.bulk_create(MaintenanceWindow(node=node, starts_at=at(0), ends_at=at(12))
+                                          for node in busy)
+    tenants = [TenantFactory() for _ in range(5)]
+    users = [MembershipFactory(tenant=t).user for t in tenants]
+
+    # when 5 tenants ask for 2 nodes of one domain for the same window at the same moment
+    def attempt(i):
+        return services.reservation_create(actor=Actor.for_user(users[i]), tenant=tenants[i],
+                                           gpu_model="H100-SXM-80GB", gpus=16, start=at(2), end=at(6),
+                                           same_domain=True)
+
+    outcomes = race(5, attempt)
+    # then two get 2 nodes of ib-z each, the other three a clear 409, and no node is held twice
+    booked = [o for o in outcomes if isinstance(o, services.BookingResult)]
+    refused = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert len(booked) == 2 and len(refused) == 3, outcomes
+    assert all(o.code == "insufficient_capacity" and o.http_status == 409 for o in refused)
+    assert overlapping_pairs() == 0
+    held = sorted(Allocation.objects.exclude(state="cancelled").values_list("node_id", flat=True))
+    assert held == sorted(node.pk for node in free)
 
 
 def test_the_exclusion_constraint_refuses_overlap_even_without_the_service(fleet, tenant, member):
