@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PRINT_SETTINGS = (
     "import json; from django.conf import settings; "
     "print(json.dumps({'DEBUG': settings.DEBUG, 'SESSION_COOKIE_SECURE': settings.SESSION_COOKIE_SECURE, "
-    "'CSRF_COOKIE_SECURE': settings.CSRF_COOKIE_SECURE, 'ALLOWED_HOSTS': settings.ALLOWED_HOSTS}))"
+    "'CSRF_COOKIE_SECURE': settings.CSRF_COOKIE_SECURE, 'ALLOWED_HOSTS': settings.ALLOWED_HOSTS, "
+    "'PASSWORD_HASHER': settings.PASSWORD_HASHERS[0]}))"
 )
 
 
@@ -36,10 +37,12 @@ def test_production_without_secret_key_refuses_to_start():
 def test_production_with_secret_key_has_safe_defaults():
     # given production with a secret key
     result = load_settings(DJANGO_ENV="production", SECRET_KEY="a-long-random-production-secret")
-    # then DEBUG is off, cookies are secure and no host is allowed until configured
+    # then DEBUG is off, cookies are secure, no host is allowed until configured, and passwords are
+    # hashed by Django's strong default (the tests' fast hasher stays in the tests)
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert loaded == {"DEBUG": False, "SESSION_COOKIE_SECURE": True, "CSRF_COOKIE_SECURE": True, "ALLOWED_HOSTS": []}
+    assert loaded == {"DEBUG": False, "SESSION_COOKIE_SECURE": True, "CSRF_COOKIE_SECURE": True, "ALLOWED_HOSTS": [],
+                      "PASSWORD_HASHER": "django.contrib.auth.hashers.PBKDF2PasswordHasher"}
 
 
 def test_unknown_environment_name_is_refused():
