@@ -48,6 +48,14 @@ def overlapping_pairs() -> int:
         return cursor.fetchone()[0]
 
 
+def assert_booked_and_refused(outcomes, *, booked: int, refused: int) -> None:
+    """``booked`` of the racers booked, and the other ``refused`` got a clear 409 for want of capacity."""
+    bookings = [o for o in outcomes if isinstance(o, services.BookingResult)]
+    refusals = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert len(bookings) == booked and len(refusals) == refused, outcomes
+    assert all(o.code == "insufficient_capacity" and o.http_status == 409 for o in refusals)
+
+
 def test_racing_bookings_never_overlap_and_are_all_or_nothing(fleet):
     # given 6 nodes and 8 tenants each wanting 2 nodes for overlapping windows at the same moment
     tenants = [TenantFactory() for _ in range(8)]
@@ -60,10 +68,7 @@ def test_racing_bookings_never_overlap_and_are_all_or_nothing(fleet):
 
     outcomes = race(8, attempt)
     # then exactly three bookings of 2 nodes succeed, the rest are clear 409s
-    booked = [o for o in outcomes if isinstance(o, services.BookingResult)]
-    refused = [o for o in outcomes if isinstance(o, ServiceError)]
-    assert len(booked) == 3 and len(refused) == 5, outcomes
-    assert all(o.code == "insufficient_capacity" and o.http_status == 409 for o in refused)
+    assert_booked_and_refused(outcomes, booked=3, refused=5)
     # and no node is held twice, and every reservation holds exactly its 2 nodes
     assert overlapping_pairs() == 0
     for reservation in Reservation.objects.all():
@@ -92,10 +97,7 @@ def test_racing_bookings_past_the_walk_s_reach_never_overlap_either(fleet):
 
     outcomes = race(5, attempt)
     # then two get 2 nodes of ib-z each, the other three a clear 409, and no node is held twice
-    booked = [o for o in outcomes if isinstance(o, services.BookingResult)]
-    refused = [o for o in outcomes if isinstance(o, ServiceError)]
-    assert len(booked) == 2 and len(refused) == 3, outcomes
-    assert all(o.code == "insufficient_capacity" and o.http_status == 409 for o in refused)
+    assert_booked_and_refused(outcomes, booked=2, refused=3)
     assert overlapping_pairs() == 0
     held = sorted(Allocation.objects.exclude(state="cancelled").values_list("node_id", flat=True))
     assert held == sorted(node.pk for node in free)
