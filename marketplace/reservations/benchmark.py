@@ -353,6 +353,19 @@ def _measure_capacity() -> dict:
 
 # --- writes ---------------------------------------------------------------------------------------
 
+def _book(*, user, tenant: Tenant, gpus: int, start: datetime, end: datetime, same_domain: bool) -> str:
+    """One booking of the first model through the API's service: "booked", "refused" (a clear
+    refusal) or "server_errors" (anything else)."""
+    try:
+        services.reservation_create(actor=Actor.for_user(user), tenant=tenant, gpu_model=MODELS[0][0], gpus=gpus,
+                                    start=start, end=end, same_domain=same_domain)
+        return "booked"
+    except ServiceError:
+        return "refused"
+    except Exception:  # noqa: BLE001 - the figure to report is exactly "anything else"
+        return "server_errors"
+
+
 def _measure_busy_bookings(*, count: int, rng: random.Random) -> dict:
     """``count`` bookings, one at a time, of 1 to 16 nodes for 2-48 hours starting 1-20 days ahead,
     where the synthetic fleet is nearly full: latency as a tenant meets it, refusals included (most
@@ -367,15 +380,8 @@ def _measure_busy_bookings(*, count: int, rng: random.Random) -> dict:
     for index in range(count):
         start = policies.ceil_to_granularity(timezone.now() + step * rng.randint(4 * 24, 4 * 24 * 20))
         t0 = time.perf_counter()
-        try:
-            services.reservation_create(actor=Actor.for_user(user), tenant=tenants[index % len(tenants)],
-                                        gpu_model=MODELS[0][0], gpus=8 * rng.choice([1, 4, 8, 16]), start=start,
-                                        end=start + step * rng.randint(4 * 2, 4 * 48), same_domain=rng.random() < 0.5)
-            outcome = "booked"
-        except ServiceError:
-            outcome = "refused"
-        except Exception:  # noqa: BLE001 - the figure to report is exactly "anything else"
-            outcome = "server_errors"
+        outcome = _book(user=user, tenant=tenants[index % len(tenants)], gpus=8 * rng.choice([1, 4, 8, 16]),
+                        start=start, end=start + step * rng.randint(4 * 2, 4 * 48), same_domain=rng.random() < 0.5)
         elapsed.append((time.perf_counter() - t0) * 1000)
         counts[outcome] += 1
     if not elapsed:
@@ -576,16 +582,8 @@ def _measure_bookings(*, clients: int, total: int, level: int, seed: int, model:
         with connection.execute_wrapper(count_attempts):
             for _ in range(total // clients):
                 start = base + step * rng.randint(0, 8)
-                try:
-                    services.reservation_create(actor=Actor.for_user(user), tenant=tenant, gpu_model=MODELS[0][0],
-                                                gpus=8 * rng.choice([1, 2, 4]), start=start,
-                                                end=start + step * rng.randint(8, 16), same_domain=True)
-                    outcome = "booked"
-                except ServiceError:
-                    outcome = "refused"
-                except Exception:  # noqa: BLE001 - the figure to report is exactly "anything else"
-                    outcome = "server_errors"
-                counts[outcome] += 1
+                counts[_book(user=user, tenant=tenant, gpus=8 * rng.choice([1, 2, 4]), start=start,
+                             end=start + step * rng.randint(8, 16), same_domain=True)] += 1
         return counts
 
     elapsed, results = _run_clients(model, clients, work, warm_up)
