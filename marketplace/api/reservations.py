@@ -4,6 +4,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.utils import dateparse, timezone
+from django.utils.duration import duration_iso_string
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status
 from rest_framework.decorators import action
@@ -50,8 +51,18 @@ def parse_horizon(text: str, *, start):
 
 
 class SpanField(serializers.CharField):
+    """A duration in, a ``timedelta`` out; its default must be a ``timedelta`` too, since DRF hands
+    an omitted field's default to the view as it is, without parsing it."""
+
     def to_internal_value(self, data):
         return parse_span(super().to_internal_value(data), name=self.field_name)
+
+    def to_representation(self, value):
+        seconds = int(value.total_seconds())
+        for unit, size in sorted(SPAN_UNITS.items(), key=lambda item: -item[1]):
+            if seconds == value.total_seconds() and seconds % size == 0:
+                return f"{seconds // size}{unit}"
+        return duration_iso_string(value)
 
 
 class WindowQuery(serializers.Serializer):
@@ -73,7 +84,7 @@ class CapacityQuery(serializers.Serializer):
     region = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     start = serializers.DateTimeField()
     end = serializers.DateTimeField()
-    step = SpanField(required=False, default="1h")
+    step = SpanField(required=False, default=timedelta(hours=1))
 
 
 class OfferSerializer(serializers.Serializer):

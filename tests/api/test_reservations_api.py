@@ -182,6 +182,21 @@ def test_capacity_endpoint(api, member, tenant):
     assert_error(api.get("/api/v1/capacity/", {"start": "2026-12-01T08:00:00Z", "end": "2026-12-01T07:00:00Z"}), 400)
 
 
+def test_capacity_without_a_step_has_hourly_buckets(api, member, tenant):
+    # Given a booking from 09:00 to 10:00
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB", gpus=16,
+                                start=at(1), end=at(2))
+    # When the calendar is asked for without a step
+    response = api.get("/api/v1/capacity/", {"gpu_model": "H100-SXM-80GB", "start": "2026-12-01T08:00:00Z",
+                                             "end": "2026-12-01T11:00:00Z"})
+    # Then the buckets are the documented default of one hour
+    assert response.status_code == 200, response.content[:300]
+    body = response.json()
+    assert body["step_seconds"] == 3600
+    assert [(b["start"], b["free_gpus"]) for b in body["gpu_models"]["H100-SXM-80GB"]] == [
+        ("2026-12-01T08:00:00Z", 48), ("2026-12-01T09:00:00Z", 32), ("2026-12-01T10:00:00Z", 32)]
+
+
 def test_anonymous_callers_get_401(client):
     assert client.get("/api/v1/availability/").status_code in (401, 403)
     assert client.post("/api/v1/reservations/", BODY).status_code in (401, 403)
