@@ -49,7 +49,8 @@ def api_client_for(db):
     """``api_client_for(user, tenant)``: an APIClient authenticated with a fresh bearer token."""
 
     def make(user, tenant=None) -> APIClient:
-        client = APIClient()
+        # CSRF enforced as in production: a token client never holds a CSRF cookie.
+        client = APIClient(enforce_csrf_checks=True)
         if tenant is None:
             client.force_authenticate(user=user)
         else:

@@ -21,6 +21,11 @@ class TestErrorShape:
     def test_unknown_api_url_is_json_404(self, api, path):
         assert_error(api.get(path), 404, "not_found")
 
+    @pytest.mark.parametrize("path", ["/api/v1/reservations//cancel/", "/api/v1/no-such-thing/"])
+    def test_a_write_to_an_unknown_api_url_is_json_404_too(self, api, path):
+        # Not the HTML page of a CSRF refusal: the catch-all writes nothing, and a token client has no cookie.
+        assert_error(api.post(path, {}, format="json"), 404, "not_found")
+
     def test_unknown_object_is_json_404(self, api):
         assert_error(api.get("/api/v1/tokens/999999/"), 404, "not_found")
 
