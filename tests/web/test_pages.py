@@ -78,6 +78,14 @@ class TestTenantSwitcher:
         assert ApiToken.objects.get(name="switched").tenant == second
         assert first != second
 
+    @pytest.mark.parametrize(("next_url", "lands_on"), [
+        ("/reservations/", "/reservations/"), ("-399", "/"), ("web:ops-fleet", "/"),
+        ("https://elsewhere.example/", "/"), ("//elsewhere.example/", "/"), ("", "/")])
+    def test_switching_returns_only_to_a_page_of_this_site(self, member_client, tenant, next_url, lands_on):
+        response = member_client.post("/tenant/switch/", {"tenant": tenant.pk, "next": next_url})
+        assert response.status_code == 302
+        assert response["Location"] == lands_on
+
     def test_cannot_switch_to_a_tenant_one_is_not_in(self, member_client, tenant):
         stranger_tenant = TenantFactory()
         response = member_client.post("/tenant/switch/", {"tenant": stranger_tenant.pk}, follow=True)
