@@ -98,7 +98,9 @@ class AllocationHoldSerializer(serializers.Serializer):
 
 
 class NodeBulkStatusSerializer(StrictInputMixin, serializers.Serializer):
-    node_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), allow_empty=False, max_length=5000)
+    # Ids are bigints: a larger number is a 400 here, not an overflow in the database driver.
+    node_ids = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
+                                     allow_empty=False, max_length=5000)
     status = serializers.ChoiceField(choices=Node.Status.choices)
     reason = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
     force = serializers.BooleanField(default=False, help_text="Take nodes out of service even if they are booked.")

@@ -1,7 +1,7 @@
 """Every API error has one shape: ``{"error": {"code", "message", "fields"}}``."""
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError
+from django.db import DataError, IntegrityError
 from django.http import Http404
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
@@ -36,6 +36,12 @@ def exception_handler(exc, context):
     if isinstance(exc, IntegrityError):
         # A constraint caught what validation did not: a client error, not a server one.
         return error_response(http_status=409, code="conflict", message="The change conflicts with existing data.")
+    if isinstance(exc, DataError):
+        # The database refused a value that validation let through; PostgreSQL refuses NUL in text
+        # even in a lookup. The statement failed, so nothing of it was written.
+        return error_response(http_status=400, code="invalid",
+                              message="A value in the request cannot be stored or looked up: text with a NUL "
+                                      "(\\u0000) character, or a number out of range.")
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     response = drf_exception_handler(exc, context)

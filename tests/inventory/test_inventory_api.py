@@ -135,12 +135,19 @@ class TestNodes:
     @pytest.mark.parametrize("body", [
         {}, {"name": "n", "cluster": "nope", "gpu_model": "H100-SXM-80GB", "topology_domain": "x"},
         {"name": "n", "cluster": "c", "gpu_model": "H100-SXM-80GB", "topology_domain": "x", "gpu_count": 0},
+        # PostgreSQL refuses NUL even in the lookup of the related row.
+        {"name": "n", "cluster": "c", "gpu_model": "H100\x00", "topology_domain": "x"},
     ])
     def test_bad_node_input_is_400(self, ops, body):
         ClusterFactory(name="c")
         GpuModelFactory()
         assert_error(ops.post("/api/v1/nodes/", body, format="json"), 400)
         assert not Node.objects.exists()
+
+    def test_a_filter_with_a_nul_character_is_400(self, ops):
+        NodeFactory()
+        error = assert_error(ops.get("/api/v1/nodes/", {"cluster__name": "east\x00"}), 400)
+        assert "NUL" in error["message"]
 
     def test_node_list_is_filtered_and_a_fixed_number_of_queries(self, ops, django_assert_max_num_queries):
         NodeFactory.create_batch(5)
@@ -203,6 +210,7 @@ class TestBulkStatus:
         ({"node_ids": [1], "status": "on-fire"}, 400),
         ({"status": "offline"}, 400),
         ({"node_ids": [999999], "status": "offline"}, 404),
+        ({"node_ids": [2**63], "status": "offline"}, 400),  # past a bigint: not a driver overflow
     ])
     def test_bad_bulk_input_is_4xx_and_changes_nothing(self, ops, body, status):
         node = NodeFactory()

@@ -52,6 +52,15 @@ class TestLoginAndDashboard:
         assert strict.post(path, {"name": "x", "tenant": tenant.pk}).status_code == 403
         assert not ApiToken.objects.exists()
 
+    @pytest.mark.parametrize(("path", "query"), [
+        ("/ops/audit/", {"action": "reservation.create\x00"}), ("/ops/inventory/", {"cluster": "\x00"}),
+        ("/admin/reservations/reservation/", {"q": "a\x00"})])
+    def test_a_nul_character_in_the_query_string_is_a_400(self, ops_client, path, query):
+        # PostgreSQL refuses NUL even in a comparison; these pages filter on raw query values.
+        response = ops_client.get(path, query)
+        assert response.status_code == 400
+        assert "NUL" in response.content.decode()
+
     def test_member_signs_in_and_sees_their_tenant(self, client, member, tenant):
         response = client.post("/login/", {"username": member.username, "password": "correct-horse-battery"},
                                follow=True)
