@@ -58,10 +58,11 @@ class SpanField(serializers.CharField):
         return parse_span(super().to_internal_value(data), name=self.field_name)
 
     def to_representation(self, value):
-        seconds = int(value.total_seconds())
+        # The shortest spelling parse_span reads back: 1h, 7d, 90m; ISO 8601 for anything finer.
+        seconds = value.total_seconds()
         for unit, size in sorted(SPAN_UNITS.items(), key=lambda item: -item[1]):
-            if seconds == value.total_seconds() and seconds % size == 0:
-                return f"{seconds // size}{unit}"
+            if seconds.is_integer() and seconds % size == 0:
+                return f"{int(seconds) // size}{unit}"
         return duration_iso_string(value)
 
 

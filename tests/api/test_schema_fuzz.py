@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 
 from tests.conftest import issue_token
-from tests.factories import ClusterFactory, GpuModelFactory, GpuPriceFactory, MembershipFactory, NodeFactory, RegionFactory
+from tests.factories import (ClusterFactory, GpuModelFactory, GpuPriceFactory, MembershipFactory, NodeFactory,
+                             RegionFactory)
 
 EXAMPLES = int(os.environ.get("API_FUZZ_EXAMPLES", "15"))
 
@@ -38,7 +39,7 @@ def served_schema() -> schemathesis.schemas.BaseSchema:
 @pytest.fixture(autouse=True)
 def requests_keep_the_test_connection():
     # As Django's test client does: a request's end must not close the test's connection, whose
-    # transaction holds the demo fleet.
+    # transaction holds the fleet and the tokens.
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     yield
