@@ -224,6 +224,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TIMEZONE = "UTC"
 
+# Per process by default; point CACHE_URL at Redis (redis://host:6379/1) to share across workers.
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+
 # --- Marketplace policy -----------------------------------------------------------------------
 MARKETPLACE = {
     # Kubernetes label/taint prefix for node pools.
@@ -259,6 +262,9 @@ MARKETPLACE = {
     "SEARCH_HORIZON": timedelta(days=env.int("MARKETPLACE_SEARCH_HORIZON_DAYS", default=14)),
     # The capacity calendar returns at most this many buckets.
     "CAPACITY_MAX_BUCKETS": env.int("MARKETPLACE_CAPACITY_MAX_BUCKETS", default=500),
+    # A calendar is fleet-wide (no tenant's data) and costs about a second at fleet scale: it is kept
+    # this long in the cache and shown with the time it was computed (0: computed every time).
+    "CAPACITY_CACHE_TTL": timedelta(seconds=env.int("MARKETPLACE_CAPACITY_CACHE_SECONDS", default=60)),
 }
 
 # /metrics is open on loopback; elsewhere it needs this bearer token or an allowed network.

@@ -7,6 +7,16 @@ from marketplace.tenants import services as tenant_services
 from tests.factories import MembershipFactory, TenantFactory, UserFactory
 
 
+@pytest.fixture(autouse=True)
+def empty_cache():
+    """Each test starts with an empty cache: a calendar cached by one test is not another's."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     from django.conf import settings
 

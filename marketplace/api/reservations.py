@@ -116,6 +116,8 @@ class CapacitySerializer(serializers.Serializer):
     start = serializers.DateTimeField()
     end = serializers.DateTimeField()
     step_seconds = serializers.IntegerField()
+    as_of = serializers.DateTimeField(help_text="When the counts were computed: a calendar is shared for up to "
+                                                "MARKETPLACE_CAPACITY_CACHE_SECONDS; a search is always exact")
     gpu_models = serializers.JSONField(help_text="{model: [{start, end, total_gpus, free_gpus}, ...]}")
 
 
@@ -211,16 +213,16 @@ class CapacityView(APIView):
         if query["end"] <= query["start"]:
             raise InvalidInput("end must be after start.", fields={"end": ["must be after start"]})
         model = selectors.gpu_model_by_name(query["gpu_model"]) if query["gpu_model"] else None
-        timeline = selectors.capacity_timeline(start=query["start"], end=query["end"], step=query["step"],
+        calendar = selectors.capacity_calendar(start=query["start"], end=query["end"], step=query["step"],
                                                gpu_model=model, region=selectors.region_by_code(query["region"]))
         as_time = serializers.DateTimeField().to_representation
         return Response({
             "start": as_time(query["start"]), "end": as_time(query["end"]),
-            "step_seconds": int(query["step"].total_seconds()),
+            "step_seconds": int(query["step"].total_seconds()), "as_of": as_time(calendar.as_of),
             "gpu_models": {
                 name: [{"start": as_time(b.start), "end": as_time(b.end), "total_gpus": b.total_gpus,
                         "free_gpus": b.free_gpus} for b in buckets]
-                for name, buckets in timeline.items()
+                for name, buckets in calendar.models.items()
             },
         })
 

@@ -14,9 +14,11 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.postgres.fields import RangeBoundary
+from django.core.cache import cache
 from django.db import connection
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
+from django.utils import timezone
 
 from marketplace.core.db import TsTzRange
 from marketplace.core.exceptions import InvalidInput, NotFound
@@ -472,6 +474,29 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
                                          total_gpus=totals[model.pk], free_gpus=totals[model.pk] - held))
         result[model.name] = series
     return result
+
+
+@dataclass(frozen=True)
+class CapacityCalendar:
+    as_of: datetime  # when the counts were computed
+    models: dict[str, list[CapacityBucket]]
+
+
+def capacity_calendar(*, start: datetime, end: datetime, step: timedelta, gpu_model: GpuModel | None = None,
+                      region: Region | None = None, fresh: bool = False) -> CapacityCalendar:
+    """capacity_timeline(), kept in the cache for CAPACITY_CACHE_TTL: the booking page shows it on every
+    visit and API clients poll it, and it holds no tenant's data, so every caller may share it.
+    ``fresh`` counts again (and shares the new count), for a caller who has just changed capacity."""
+    ttl = settings.MARKETPLACE["CAPACITY_CACHE_TTL"].total_seconds()
+    key = (f"capacity-calendar:{start.timestamp()}:{end.timestamp()}:{step.total_seconds()}:"
+           f"{gpu_model.pk if gpu_model else '*'}:{region.pk if region else '*'}")
+    if ttl > 0 and not fresh and (cached := cache.get(key)) is not None:
+        return cached
+    calendar = CapacityCalendar(as_of=timezone.now(), models=capacity_timeline(
+        start=start, end=end, step=step, gpu_model=gpu_model, region=region))
+    if ttl > 0:
+        cache.set(key, calendar, ttl)
+    return calendar
 
 
 # --- reservations -------------------------------------------------------------------------------

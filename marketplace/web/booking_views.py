@@ -25,6 +25,9 @@ from marketplace.tenants.selectors import membership_for, request_tenant
 
 CALENDAR_DAYS = 7
 CALENDAR_STEP = timedelta(hours=12)
+# Set when this user's own booking, cancellation, extension or release succeeds: their next booking page
+# counts the shared calendar again instead of showing one from before their change.
+CAPACITY_CHANGED = "capacity_changed"
 DATETIME_INPUT = forms.DateTimeInput(attrs={"type": "datetime-local", "step": 900}, format="%Y-%m-%dT%H:%M")
 
 
@@ -78,8 +81,8 @@ def search(request):
         messages.error(request, _form_errors(form))
     # The capacity calendar: free GPUs per model over the next week, from the start of today (UTC).
     today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
-    calendar = selectors.capacity_timeline(start=today, end=today + timedelta(days=CALENDAR_DAYS),
-                                           step=CALENDAR_STEP)
+    calendar = selectors.capacity_calendar(start=today, end=today + timedelta(days=CALENDAR_DAYS),
+                                           step=CALENDAR_STEP, fresh=request.session.pop(CAPACITY_CHANGED, False))
     # Booking in a region takes its cheapest fit, which is the region's first offer: that offer
     # gets the Book button.
     bookable = set()
@@ -91,7 +94,8 @@ def search(request):
     # A fresh key per rendered offer list (suffixed per region): a double-submitted Book button books once.
     return render(request, "web/reservations/search.html",
                   {"form": form, "result": result, "bookable": bookable, "idempotency_key": uuid.uuid4().hex,
-                   "calendar": calendar, "calendar_columns": next(iter(calendar.values()), [])})
+                   "calendar": calendar.models, "calendar_as_of": calendar.as_of,
+                   "calendar_columns": next(iter(calendar.models.values()), [])})
 
 
 @login_required
@@ -119,6 +123,7 @@ def book(request):
         messages.error(request, exc.message)
         return redirect(back)
     reservation = result.reservation
+    request.session[CAPACITY_CHANGED] = True
     messages.success(request, f"Booked {reservation.gpus} GPUs for {reservation.total_price} {reservation.currency}.")
     return redirect("web:reservation-detail", reservation_id=reservation.pk)
 
@@ -158,9 +163,11 @@ def reservation_action(request, reservation_id, action):
         reservation = selectors.reservation_get(tenant=tenant, reservation_id=reservation_id)
         if action == "cancel":
             services.reservation_cancel(actor=actor, reservation=reservation)
+            request.session[CAPACITY_CHANGED] = True
             messages.success(request, "Reservation cancelled; its nodes are free again.")
         elif action == "release":
             services.reservation_release(actor=actor, reservation=reservation)
+            request.session[CAPACITY_CHANGED] = True
             messages.success(request, "Reservation released; the pool is being drained.")
         elif action == "extend":
             form = ExtendForm(request.POST)
@@ -169,6 +176,7 @@ def reservation_action(request, reservation_id, action):
             else:
                 services.reservation_extend(actor=actor, reservation=reservation, end=form.cleaned_data["end"],
                                             enforce_policies=not request.user.is_staff)
+                request.session[CAPACITY_CHANGED] = True
                 messages.success(request, "Reservation extended.")
     except ServiceError as exc:
         messages.error(request, exc.message)

@@ -177,6 +177,7 @@ def test_capacity_endpoint(api, member, tenant):
                                          "end": "2026-12-01T12:00:00Z", "step": "1h"}).json()
     series = body["gpu_models"]["H100-SXM-80GB"]
     assert [b["free_gpus"] for b in series] == [48, 32, 32, 48] and body["step_seconds"] == 3600
+    assert body["as_of"].endswith("Z")  # when it was counted: a calendar is shared for up to a minute
     assert_error(api.get("/api/v1/capacity/", {"start": "2026-12-01T08:00:00Z", "end": "2026-12-31T08:00:00Z",
                                                "step": "1m"}), 400, "invalid")
     assert_error(api.get("/api/v1/capacity/", {"start": "2026-12-01T08:00:00Z", "end": "2026-12-01T07:00:00Z"}), 400)

@@ -156,6 +156,42 @@ def test_capacity_counts_a_node_once_however_its_busy_periods_overlap(fleet):
     assert [b.free_gpus for b in timeline["H100-SXM-80GB"]] == [48, 40, 40, 48, 40, 48]
 
 
+def test_the_calendar_is_shared_for_its_ttl_then_recounted(fleet, tenant, member, frozen,
+                                                           django_assert_num_queries):
+    from marketplace.core.services import Actor
+
+    def calendar():
+        return selectors.capacity_calendar(start=at(0), end=at(4), step=timedelta(hours=1), gpu_model=fleet.model)
+
+    # given a calendar counted once
+    first = calendar()
+    assert [b.free_gpus for b in first.models["H100-SXM-80GB"]] == [48] * 4 and first.as_of == at(0)
+    # when a booking takes two nodes, and the calendar is asked for again within a minute
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=16,
+                                start=at(1), end=at(2))
+    frozen.shift(timedelta(seconds=59))
+    # then it is the same count, with the time it was made, and costs no query
+    with django_assert_num_queries(0):
+        assert calendar() == first
+    # and after the minute it is counted again
+    frozen.shift(timedelta(seconds=2))
+    again = calendar()
+    assert [b.free_gpus for b in again.models["H100-SXM-80GB"]] == [48, 32, 32, 48]
+    assert again.as_of == at(0) + timedelta(seconds=61)
+
+
+def test_a_calendar_ttl_of_zero_counts_every_time(fleet, tenant, member, settings):
+    from marketplace.core.services import Actor
+
+    settings.MARKETPLACE = {**settings.MARKETPLACE, "CAPACITY_CACHE_TTL": timedelta(0)}
+    before = selectors.capacity_calendar(start=at(0), end=at(4), step=timedelta(hours=1), gpu_model=fleet.model)
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=16,
+                                start=at(1), end=at(2))
+    after = selectors.capacity_calendar(start=at(0), end=at(4), step=timedelta(hours=1), gpu_model=fleet.model)
+    assert [b.free_gpus for b in before.models["H100-SXM-80GB"]] == [48] * 4
+    assert [b.free_gpus for b in after.models["H100-SXM-80GB"]] == [48, 32, 32, 48]
+
+
 def test_the_offered_domain_is_the_one_a_booking_takes(fleet, tenant, member):
     from marketplace.core.services import Actor
 

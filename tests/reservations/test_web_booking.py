@@ -80,16 +80,19 @@ def test_each_region_offer_can_be_booked_from_the_page(browser, fleet):
 
 
 def test_search_page_shows_the_capacity_calendar(browser):
-    # given 48 H100 GPUs, of which a booking holds 16 from 10:00 to 14:00 today (plus the cleaning gap)
+    # given 48 H100 GPUs, of which a booking holds 16 from 10:00 to 14:00 today (plus the cleaning gap),
+    # booked by this tenant after the page (and with it the shared calendar) was first shown
     token = csrf(browser)
     browser.post("/reservations/book/", SEARCH | {"region": "us-east", "csrfmiddlewaretoken": token})
     # when the tenant opens the booking page
     page = browser.get("/reservations/search/")
-    # then the calendar shows free GPUs per half day from the start of today: both of today's halves
-    # overlap the booking, tomorrow is all free
+    # then the calendar, counted again for them, shows free GPUs per half day from the start of today:
+    # both of today's halves overlap the booking, tomorrow is all free
     free = [bucket.free_gpus for bucket in page.context["calendar"]["H100-SXM-80GB"]]
     assert free[:3] == [32, 32, 48] and len(free) == 14
     assert b"Free GPUs, next 7 days" in page.content
+    # and says when it was counted: the calendar is shared for up to a minute
+    assert f"Counted at {page.context['calendar_as_of']:%H:%M:%S} UTC".encode() in page.content
 
 
 def test_book_without_csrf_is_refused(browser):
