@@ -230,8 +230,14 @@ def _unlabel_existing(driver: ClusterDriver, reservation: Reservation, names: li
 # --- Notice before the end --------------------------------------------------------------------
 
 def end_notice(reservation_id, *, drivers: Drivers = driver_for) -> Step:
-    notice = services.reservation_end_notice_record(reservation_id=reservation_id, now=timezone.now())
+    now = timezone.now()
+    notice = services.reservation_end_notice_record(reservation_id=reservation_id, now=now)
     if notice is None:
+        reservation = _load(reservation_id)
+        if reservation is not None and reservation.status == S.CONFIRMED and now < reservation.ends_at:
+            # Its start has not run yet (another worker took the notice first, or the scheduler was
+            # down past both): the tenant is still owed the notice once the pool runs.
+            return Step.later("pool not started yet", settings.MARKETPLACE["EVENT_SWEEP_INTERVAL"])
         return Step.ok("pool not running: no notice")
     if notice.posted_to_cluster_at is not None:
         return Step.ok("already posted")

@@ -120,3 +120,34 @@ def test_quota_is_the_sum_of_the_tenants_pools_on_the_cluster(plan_cluster, tena
     assert not PlannedOperation.objects.filter(verb="delete", kind="Namespace").exists()
     second.refresh_from_db()
     assert second.status == S.ACTIVE
+
+
+@pytest.mark.django_db
+def test_a_notice_that_comes_before_the_start_waits_for_the_pool(plan_cluster):
+    # given a confirmed reservation whose start has not run, with its notice already due (the
+    # scheduler was down past both, and a second worker took the notice first)
+    reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=30))
+    with time_machine.travel(reservation.ends_at - timedelta(minutes=29), tick=False):
+        # when the notice is handled first
+        step = reconcile.end_notice(reservation.pk)
+        # then it waits for the pool instead of being dropped
+        assert not step.done and step.retry_in == timedelta(seconds=5)
+        assert not PoolNotice.objects.filter(reservation=reservation).exists()
+        # and once the start has run, the notice is posted
+        reconcile.provision(reservation.pk)
+        assert reconcile.end_notice(reservation.pk).done
+    notice = PoolNotice.objects.get(reservation=reservation)
+    assert notice.posted_to_cluster_at is not None
+
+
+@pytest.mark.django_db
+def test_a_notice_for_a_pool_that_will_never_run_is_done_without_one(plan_cluster):
+    # given a reservation that was cancelled, and one whose window passed without a start
+    cancelled = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=30), status=S.CANCELLED)
+    never_started = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(hours=3))
+    with time_machine.travel(never_started.ends_at + timedelta(minutes=1), tick=False):
+        # when their notices are handled, then both are done, with no notice
+        assert reconcile.end_notice(cancelled.pk).done
+        assert reconcile.end_notice(never_started.pk).done
+    assert not PoolNotice.objects.exists()
+
