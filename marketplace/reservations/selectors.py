@@ -7,6 +7,7 @@ window overlapping that padded period either. Padding the request (rather than o
 allocations) keeps the cleaning gap after *this* booking free as well.
 """
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,9 @@ from marketplace.core.exceptions import InvalidInput, NotFound
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
 from marketplace.reservations import money, policies
 from marketplace.reservations.models import Allocation, Reservation
+
+
+log = logging.getLogger(__name__)
 
 
 def cleaning_gap() -> timedelta:
@@ -490,12 +494,21 @@ def capacity_calendar(*, start: datetime, end: datetime, step: timedelta, gpu_mo
     ttl = settings.MARKETPLACE["CAPACITY_CACHE_TTL"].total_seconds()
     key = (f"capacity-calendar:{start.timestamp()}:{end.timestamp()}:{step.total_seconds()}:"
            f"{gpu_model.pk if gpu_model else '*'}:{region.pk if region else '*'}")
-    if ttl > 0 and not fresh and (cached := cache.get(key)) is not None:
+    shared = ttl > 0
+    try:
+        cached = cache.get(key) if shared and not fresh else None
+    except Exception:  # noqa: BLE001 - an unreachable cache costs a recount, never the page
+        log.warning("capacity calendar: the cache is unavailable; counting without it", exc_info=True)
+        cached, shared = None, False
+    if cached is not None:
         return cached
     calendar = CapacityCalendar(as_of=timezone.now(), models=capacity_timeline(
         start=start, end=end, step=step, gpu_model=gpu_model, region=region))
-    if ttl > 0:
-        cache.set(key, calendar, ttl)
+    if shared:
+        try:
+            cache.set(key, calendar, ttl)
+        except Exception:  # noqa: BLE001 - as above
+            log.warning("capacity calendar: the cache is unavailable; not shared", exc_info=True)
     return calendar
 
 

@@ -192,6 +192,16 @@ def test_a_calendar_ttl_of_zero_counts_every_time(fleet, tenant, member, setting
     assert [b.free_gpus for b in after.models["H100-SXM-80GB"]] == [48, 32, 32, 48]
 
 
+def test_an_unreachable_cache_costs_a_recount_not_the_calendar(fleet, settings, caplog):
+    # given a cache server that refuses connections
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:1/0"}}
+    # when the calendar is asked for, then it is counted all the same, and the outage is logged
+    calendar = selectors.capacity_calendar(start=at(0), end=at(2), step=timedelta(hours=1), gpu_model=fleet.model)
+    assert [b.free_gpus for b in calendar.models["H100-SXM-80GB"]] == [48, 48]
+    assert "the cache is unavailable" in caplog.text
+
+
 def test_the_offered_domain_is_the_one_a_booking_takes(fleet, tenant, member):
     from marketplace.core.services import Actor
 
