@@ -63,3 +63,23 @@ def test_embedded_default_is_sqlite_immediate_and_a_serverless_broker():
     # then write transactions start IMMEDIATE and the broker needs no server
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["IMMEDIATE", "filesystem://"]
+
+
+def test_the_embedded_broker_keeps_every_file_in_its_folder(tmp_path):
+    # given the embedded broker in a folder of its own, and a process started somewhere else
+    broker = tmp_path / "broker"
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    # when a broadcast to the workers is sent (it binds the control exchange)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from marketplace.celery import app; app.control.ping(timeout=0.1)"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k not in {"CELERY_BROKER_URL", "DATABASE_URL"}},
+             "DJANGO_SETTINGS_MODULE": "marketplace.settings", "DJANGO_ENV": "development", "PYTHONPATH": str(ROOT),
+             "CELERY_BROKER_DIR": str(broker)},
+    )
+    # then its exchange table is in the broker's folder, not in the working directory
+    assert probe.returncode == 0, probe.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert [table.name for table in (broker / "control").iterdir()] == ["reply.celery.pidbox.exchange"]
+
