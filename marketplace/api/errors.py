@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from marketplace.core.exceptions import ServiceError
+from marketplace.core.http import json_error
 from marketplace.metrics import API_ERRORS
 
 
@@ -67,18 +68,13 @@ def _headers(response: Response) -> dict:
 
 @csrf_exempt  # it changes nothing, and API clients with a token hold no CSRF cookie to show
 def not_found_view(request, exception=None):
-    from django.http import JsonResponse
-
-    return JsonResponse({"error": {"code": "not_found", "message": "No such endpoint.", "fields": {}}}, status=404)
+    return json_error(status=404, code="not_found", message="No such endpoint.")
 
 
 def server_error_view(request):
-    from django.http import JsonResponse
     from django.views.defaults import server_error
 
     if not request.path.startswith("/api/"):
         return server_error(request)
-    return JsonResponse(
-        {"error": {"code": "server_error", "message": "Internal error; it has been logged.", "fields": {}}},
-        status=status.HTTP_500_INTERNAL_SERVER_ERROR,
-    )
+    return json_error(status=status.HTTP_500_INTERNAL_SERVER_ERROR, code="server_error",
+                      message="Internal error; it has been logged.")

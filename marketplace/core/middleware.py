@@ -1,6 +1,8 @@
 """Request checks that apply to every page, the API and the admin alike."""
 
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+
+from marketplace.core.http import json_error
 
 NUL_MESSAGE = "The query string contains a NUL (\\u0000) character."
 
@@ -19,6 +21,6 @@ class RejectNulInQueryMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists()):
             if request.path.startswith("/api/"):
-                return JsonResponse({"error": {"code": "invalid", "message": NUL_MESSAGE, "fields": {}}}, status=400)
+                return json_error(status=400, code="invalid", message=NUL_MESSAGE)
             return HttpResponseBadRequest(NUL_MESSAGE, content_type="text/plain; charset=utf-8")
         return self.get_response(request)

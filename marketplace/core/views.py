@@ -7,6 +7,7 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from marketplace.core.http import json_error
 from marketplace.metrics import web_registry
 
 
@@ -54,7 +55,5 @@ def _metrics_allowed(request) -> bool:
 @never_cache
 def metrics(request):
     if not _metrics_allowed(request):
-        return JsonResponse(
-            {"error": {"code": "forbidden", "message": "Metrics are for operations only.", "fields": {}}}, status=403
-        )
+        return json_error(status=403, code="forbidden", message="Metrics are for operations only.")
     return HttpResponse(generate_latest(web_registry()), content_type=CONTENT_TYPE_LATEST)
