@@ -419,14 +419,10 @@ _PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).repla
     "{available}", Node.Status.AVAILABLE.value).replace("{unhealthy}", Node.Health.UNHEALTHY.value).replace(
     "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS)).replace(
     "{walk}", str(WALK_MAX_DOMAINS))
-_PICK_NODES_SQL = _PICK_NODES_TEMPLATE.replace(
-    "{target}", "(SELECT %(model)s::bigint AS model, %(cluster)s::bigint AS cluster, %(nodes)s::int AS nodes, "
-                "true AS whole)")
 
-# The tenant row locked, the model and region looked up by name, every priced cluster ranked
-# cheapest first then by name (COLLATE "C": the code-point order of selectors.priced_clusters), and
-# the pick in the first of them; one row per cluster (one row with NULL cluster columns if none),
-# the pick on the first row. No pick unless the GPUs make whole nodes of the model.
+# The tenant row locked, the model and region looked up by name, the cheapest priced cluster (then
+# by name, COLLATE "C": the code-point order of selectors.priced_clusters) and the pick in it; one
+# row, with NULL cluster columns if no cluster has a price. No pick unless the GPUs make whole nodes.
 _TENANT_PRICES_AND_PICK_SQL = """
 WITH tenant AS (
   SELECT slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s::bigint FOR UPDATE
@@ -450,9 +446,8 @@ SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, m.id, m.vendor, m.mem
        (SELECT id FROM region), c.id, c.name, c.code, c.price_per_gpu_hour, c.currency, pick.topology_domain, pick.ids
 FROM tenant t
 LEFT JOIN model m ON true
-LEFT JOIN priced c ON true
-LEFT JOIN pick ON c.rank = 1
-ORDER BY c.rank
+LEFT JOIN priced c ON c.rank = 1
+LEFT JOIN pick ON true
 """
 
 HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
@@ -517,7 +512,8 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
             "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code})
         if not rows:
             raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
-        slug, billing_status, quota, is_active, model_id, vendor, memory_gb, gpus_per_node, region_id = rows[0][:9]
+        [looked_up] = rows
+        slug, billing_status, quota, is_active, model_id, vendor, memory_gb, gpus_per_node, region_id = looked_up[:9]
         if model_id is None:
             selectors.gpu_model_by_name(model_name)  # raises: no such model, naming the known ones
         if region_code and region_id is None:
@@ -534,20 +530,16 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
                                  gpus=gpus, enforce=enforce)
 
         plan = None
-        # Columns 9-13 are a selectors.PricedCluster's fields in order, 14-15 the pick.
-        for index, row in enumerate(row for row in rows if row[9] is not None):
-            cluster, (domain, node_ids) = selectors.PricedCluster(*row[9:14]), row[14:16]
-            if index > 0:
-                picked = fetch_prepared(_PICK_NODES_SQL, pick_params | {"model": model_id,
-                                                                        "cluster": cluster.cluster_id, "nodes": nodes})
-                domain, node_ids = picked[0] if picked else (None, None)
-            if domain is None:
-                continue
-            plan = selectors.Offer.in_cluster(cluster=cluster, nodes=nodes, gpus=gpus, domains=(domain,),
-                                              start=start, end=end), list(node_ids)
-            break
+        # Columns 9-13 are the cheapest cluster (a selectors.PricedCluster's fields in order), 14-15
+        # the walk's pick in it.
+        if looked_up[9] is not None and looked_up[14] is not None:
+            cheapest = selectors.PricedCluster(*looked_up[9:14])
+            plan = selectors.Offer.in_cluster(cluster=cheapest, nodes=nodes, gpus=gpus, domains=(looked_up[14],),
+                                              start=start, end=end), list(looked_up[15])
         if plan is None:
-            # No single domain fits: the full search says why, or offers nodes across domains.
+            # The walk gives up after WALK_MAX_DOMAINS domains, so its failing does not prove the
+            # cheapest cluster has no domain that fits: the full search decides, as it quotes (the
+            # cheapest cluster with one domain that fits, else one across domains), or says why not.
             model = GpuModel(id=model_id, name=model_name, vendor=vendor, memory_gb=memory_gb,
                              gpus_per_node=gpus_per_node)
             region_row = selectors.region_by_code(region_code)

@@ -188,6 +188,28 @@ def test_a_walk_gives_up_after_its_last_domain_and_the_count_still_finds_a_free_
     assert list(booked.allocations.values_list("node__name", flat=True)) == ["z"]
 
 
+def test_a_cheapest_cluster_the_walk_gives_up_on_still_gets_the_booking_at_the_quoted_price(fleet, tenant, actor):
+    # given the cheapest cluster's only free node in the last of more domains than a walk tries,
+    # and a dearer cluster with a free node
+    for index in range(services.WALK_MAX_DOMAINS):
+        NodeFactory(name=f"m{index}", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain=f"ib-m{index}")
+    free = NodeFactory(name="z", cluster=fleet.cluster, gpu_model=fleet.model, topology_domain="ib-z")
+    dear = RegionFactory(code="eu-west")
+    GpuPriceFactory(gpu_model=fleet.model, region=dear, price_per_gpu_hour=Decimal("3.0000"), currency="USD")
+    dear_node = NodeFactory(name="w0", cluster=ClusterFactory(name="west-1", region=dear), gpu_model=fleet.model,
+                            topology_domain="ib-w")
+    MaintenanceWindow.objects.bulk_create(MaintenanceWindow(node=node, starts_at=at(0), ends_at=at(12))
+                                          for node in Node.objects.exclude(pk__in=[free.pk, dear_node.pk]))
+    quote = selectors.availability_search(gpu_model=fleet.model, gpus=8, start=at(2), end=at(6)).offers[0]
+    # when a one-node booking comes for that window
+    booked = book(tenant, actor, gpus=8).reservation
+    # then it is the quote: the cheapest cluster's free node at its price, not the dearer cluster
+    assert (quote.cluster, quote.unit_price) == ("east-1", Decimal("2.5000"))
+    assert (booked.cluster.name, booked.unit_price, booked.total_price) == ("east-1", quote.unit_price,
+                                                                            quote.total_price)
+    assert list(booked.allocations.values_list("node__name", flat=True)) == ["z"]
+
+
 def prepared_statements() -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements")
