@@ -1,5 +1,6 @@
 """Booking API: availability search, the capacity calendar, and the caller's reservations."""
 
+import re
 from datetime import timedelta
 
 from django.conf import settings
@@ -13,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.scoping import TenantScopedViewSet
+from marketplace.api.strict import EmptyBodySerializer, StrictInputMixin
 from marketplace.core.exceptions import InvalidInput
 from marketplace.core.services import Actor
 from marketplace.reservations import policies, selectors, services
@@ -22,16 +24,25 @@ from marketplace.reservations.status import ReservationStatus
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400}
 
 
+SHORT_SPAN = re.compile(r"([0-9]{1,12})([mhd])")
+
+
 def parse_span(value: str, *, name: str) -> timedelta:
-    """``15m``, ``2h``, ``7d`` or ISO 8601 (``P7D``, ``PT1H``)."""
+    """``15m``, ``2h``, ``7d`` or ISO 8601 (``P7D``, ``PT1H``), positive and at most policies.FARTHEST."""
     value = (value or "").strip()
-    if value[:-1].isdigit() and value[-1:] in SPAN_UNITS:
-        span = timedelta(seconds=int(value[:-1]) * SPAN_UNITS[value[-1]])
-    else:
-        span = dateparse.parse_duration(value)
+    too_long = InvalidInput(f"{name} is at most {policies.FARTHEST.days}d.", fields={name: ["too long"]})
+    try:
+        if short := SHORT_SPAN.fullmatch(value):
+            span = timedelta(seconds=int(short[1]) * SPAN_UNITS[short[2]])
+        else:
+            span = dateparse.parse_duration(value)
+    except OverflowError:
+        raise too_long from None
     if span is None or span <= timedelta(0):
         raise InvalidInput(f"{name} must be a positive duration such as 15m, 2h, 7d or PT1H.",
                            fields={name: ["not a positive duration"]})
+    if span > policies.FARTHEST:
+        raise too_long
     return span
 
 
@@ -73,6 +84,10 @@ class WindowQuery(serializers.Serializer):
     end = serializers.DateTimeField()
     region = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     same_domain = serializers.BooleanField(required=False, default=False)
+
+
+class BookingBody(StrictInputMixin, WindowQuery):
+    """A booking's body: a misspelt field (``strat``, ``regoin``) is refused, never booked as if absent."""
 
 
 class AvailabilityQuery(WindowQuery):
@@ -145,7 +160,7 @@ class ReservationSerializer(serializers.Serializer):
         return selectors.reservation_node_names(reservation)
 
 
-class ExtendBody(serializers.Serializer):
+class ExtendBody(StrictInputMixin, serializers.Serializer):
     end = serializers.DateTimeField()
 
 
@@ -212,6 +227,10 @@ class CapacityView(APIView):
         query = _valid(CapacityQuery, request.query_params)
         if query["end"] <= query["start"]:
             raise InvalidInput("end must be after start.", fields={"end": ["must be after start"]})
+        now = timezone.now()
+        if not now - policies.FARTHEST <= query["start"] < query["end"] <= now + policies.FARTHEST:
+            raise InvalidInput(f"The calendar reaches at most {policies.FARTHEST.days} days either side of now.",
+                               fields={"start": ["out of range"], "end": ["out of range"]})
         model = selectors.gpu_model_by_name(query["gpu_model"]) if query["gpu_model"] else None
         calendar = selectors.capacity_calendar(start=query["start"], end=query["end"], step=query["step"],
                                                gpu_model=model, region=selectors.region_by_code(query["region"]))
@@ -243,9 +262,9 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
         fresh = selectors.reservation_get(tenant=self.tenant, reservation_id=reservation.pk)
         return Response(ReservationSerializer(fresh).data, status=http_status)
 
-    @extend_schema(request=WindowQuery, responses={201: ReservationSerializer, 200: ReservationSerializer})
+    @extend_schema(request=BookingBody, responses={201: ReservationSerializer, 200: ReservationSerializer})
     def create(self, request):
-        body = _valid(WindowQuery, request.data)
+        body = _valid(BookingBody, request.data)
         result = services.reservation_create(
             actor=Actor.for_user(request.user), tenant=self.tenant, gpu_model=body["gpu_model"], gpus=body["gpus"],
             start=body["start"], end=body["end"], region=body["region"] or None, same_domain=body["same_domain"],
@@ -259,7 +278,9 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
     @extend_schema(request=None, responses=ReservationSerializer)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        reservation = services.reservation_cancel(actor=Actor.for_user(request.user), reservation=self.get_object())
+        reservation = self.get_object()
+        _valid(EmptyBodySerializer, request.data)
+        reservation = services.reservation_cancel(actor=Actor.for_user(request.user), reservation=reservation)
         return self._show(reservation)
 
     @extend_schema(request=ExtendBody, responses=ReservationSerializer)
@@ -274,7 +295,9 @@ class ReservationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenan
     @extend_schema(request=None, responses=ReservationSerializer)
     @action(detail=True, methods=["post"])
     def release(self, request, pk=None):
-        reservation = services.reservation_release(actor=Actor.for_user(request.user), reservation=self.get_object())
+        reservation = self.get_object()
+        _valid(EmptyBodySerializer, request.data)
+        reservation = services.reservation_release(actor=Actor.for_user(request.user), reservation=reservation)
         return self._show(reservation)
 
 

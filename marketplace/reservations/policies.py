@@ -14,6 +14,9 @@ from django.utils import timezone
 from marketplace.core.exceptions import InvalidInput, PolicyViolation, PermissionDenied
 
 EPOCH = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)
+# An input bound, not a policy (ops cannot override it): no window, horizon or calendar reaches
+# further from now than this, which keeps every date sum of the engine far from the year 9999.
+FARTHEST = timedelta(days=3650)
 
 
 class TenantCannotBook(PermissionDenied):
@@ -70,6 +73,9 @@ def check_window(*, start: datetime, end: datetime, enforce: bool = True, now: d
         raise InvalidInput("The window must end after it starts.", fields={"end": ["must be after start"]})
     if not extending and start < floor_to_granularity(now):
         raise InvalidInput("The window cannot start in the past.", fields={"start": ["is in the past"]})
+    if end - now > FARTHEST:
+        raise InvalidInput(f"The window must end within {_minutes(FARTHEST)} from now.",
+                           fields={"end": ["too far in the future"]})
     if not enforce:
         return
     step = granularity()

@@ -201,3 +201,45 @@ def test_capacity_without_a_step_has_hourly_buckets(api, member, tenant):
 def test_anonymous_callers_get_401(client):
     assert client.get("/api/v1/availability/").status_code in (401, 403)
     assert client.post("/api/v1/reservations/", BODY).status_code in (401, 403)
+
+
+def test_a_misspelt_field_is_refused_not_booked_as_if_it_were_absent(api):
+    # Given a booking body whose start is misspelt (without the check it books from now)
+    body = {key: value for key, value in BODY.items() if key != "start"} | {"strat": BODY["start"]}
+    # When it is posted, then it is refused, naming the field, and nothing is booked
+    error = assert_error(api.post("/api/v1/reservations/", body, format="json"), 400, "invalid")
+    assert error["fields"] == {"strat": ["Unknown field."]}
+    assert not Reservation.objects.exists()
+    # And extend, cancel and release refuse fields they do not take, changing nothing
+    rid = api.post("/api/v1/reservations/", BODY, format="json").json()["id"]
+    assert_error(api.post(f"/api/v1/reservations/{rid}/extend/", {"end": "2026-12-01T16:00:00Z", "force": True},
+                          format="json"), 400, "invalid")
+    assert_error(api.post(f"/api/v1/reservations/{rid}/cancel/", {"reason": "x"}, format="json"), 400, "invalid")
+    assert_error(api.post(f"/api/v1/reservations/{rid}/release/", {"at": "now"}, format="json"), 400, "invalid")
+    kept = Reservation.objects.get(pk=rid)
+    assert (kept.status, kept.ends_at) == ("confirmed", at(6))
+
+
+@pytest.mark.parametrize("span", ["99999999999d", "3000000d", "P99999999D", "P9999999999D", "²h", "3651d"])
+def test_a_huge_or_odd_span_is_a_400_not_a_500(api, span):
+    window = {"start": "2026-12-01T08:00:00Z", "end": "2026-12-02T08:00:00Z"}
+    error = assert_error(api.get("/api/v1/capacity/", window | {"step": span}), 400, "invalid")
+    assert set(error["fields"]) == {"step"}
+    search = {"gpu_model": "H100-SXM-80GB", "gpus": 8, "end": "2026-12-01T10:00:00Z", "earliest": "true"}
+    error = assert_error(api.get("/api/v1/availability/", search | {"horizon": span}), 400, "invalid")
+    assert set(error["fields"]) == {"horizon"}
+
+
+def test_far_future_times_are_a_400_for_ops_too(api_client_for, staff_user, tenant):
+    # Given ops (who may book outside the tenant policies) with a token of the tenant
+    MembershipFactory(tenant=tenant, user=staff_user, role="member")
+    ops = api_client_for(staff_user, tenant)
+    far = "9999-12-31T23:45:00Z"
+    # When windows end near the year 9999, then each is a clear refusal, and nothing is booked
+    assert_error(api_client_for(staff_user, tenant).get(
+        "/api/v1/availability/", {"gpu_model": "H100-SXM-80GB", "gpus": 8, "end": far}), 400, "invalid")
+    assert_error(ops.post("/api/v1/reservations/", BODY | {"end": far}, format="json"), 400, "invalid")
+    rid = ops.post("/api/v1/reservations/", BODY, format="json").json()["id"]
+    assert_error(ops.post(f"/api/v1/reservations/{rid}/extend/", {"end": far}, format="json"), 400, "invalid")
+    assert_error(ops.get("/api/v1/capacity/", {"start": "9999-12-31T00:00:00Z", "end": far}), 400, "invalid")
+    assert Reservation.objects.get().ends_at == at(6)
