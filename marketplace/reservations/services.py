@@ -614,15 +614,20 @@ def _locked(reservation: Reservation) -> Reservation:
 
 
 def reservation_cancel(*, actor: Actor, reservation: Reservation, reason: str = "") -> Reservation:
-    """Cancel before the start: frees the nodes (allocations cancelled) and the due events."""
+    """Cancel before the pool is provisioned: frees the nodes (allocations cancelled) and the due events.
+
+    Also once the window has begun while its pool has not (a booking for now, whose start is the
+    current slot, or a scheduler running late): nothing was delivered, so there is nothing to
+    release, and the scheduler's start finds the reservation cancelled and does nothing.
+    """
     with transaction.atomic():
         locked = _locked(reservation)
+        if locked.status in RELEASABLE:
+            raise IllegalTransition(f"The reservation's pool is {locked.status}: release it instead of cancelling.",
+                                    fields={"status": [f"is {locked.status}"]})
         if locked.status not in (S.PENDING, S.CONFIRMED):
             raise IllegalTransition(f"A {locked.status} reservation cannot be cancelled.",
                                     fields={"status": [f"is {locked.status}"]})
-        if timezone.now() >= locked.starts_at:
-            raise IllegalTransition("The reservation has already started: release it instead of cancelling.",
-                                    fields={"status": ["already started"]})
         locked.allocations.exclude(state=Allocation.State.CANCELLED).update(state=Allocation.State.CANCELLED)
         locked.events.filter(status=ReservationEvent.Status.PENDING).update(status=ReservationEvent.Status.CANCELLED)
         reservation_transition(reservation=locked, to=S.CANCELLED, actor=actor, reason=reason or "cancelled by tenant")
@@ -702,8 +707,8 @@ def reservation_release(*, actor: Actor, reservation: Reservation, reason: str =
     with transaction.atomic():
         locked = _locked(reservation)
         now = timezone.now()
-        if locked.status in (S.PENDING, S.CONFIRMED) and now < locked.starts_at:
-            raise IllegalTransition("The reservation has not started: cancel it instead.",
+        if locked.status in (S.PENDING, S.CONFIRMED):
+            raise IllegalTransition("The reservation's pool has not been provisioned: cancel it instead.",
                                     fields={"status": ["not started"]})
         if locked.status not in RELEASABLE:
             raise IllegalTransition(f"A {locked.status} reservation cannot be released.",

@@ -208,12 +208,30 @@ def test_cancel_before_start_frees_nodes_and_events(fleet, tenant, actor):
     assert book(tenant, actor, gpus=48).created  # the nodes are free again
 
 
-def test_cancel_after_start_is_refused(fleet, tenant, actor, frozen):
+def test_cancel_once_the_pool_is_provisioning_is_refused_for_release(fleet, tenant, actor, frozen):
     reservation = book(tenant, actor).reservation
+    services.reservation_transition(reservation=reservation, to="provisioning", actor=Actor.task("scheduler"))
     frozen.move_to(at(3))
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(IllegalTransition, match="release it instead"):
         services.reservation_cancel(actor=actor, reservation=reservation)
-    assert Reservation.objects.get().status == "confirmed"
+    assert Reservation.objects.get().status == "provisioning"
+
+
+def test_a_window_that_began_before_its_pool_can_be_cancelled_not_released(fleet, tenant, actor, frozen):
+    # Given a booking for now (its start is the current slot, already begun), not yet picked up by
+    # the scheduler
+    frozen.move_to(at(0) + timedelta(minutes=7))
+    reservation = book(tenant, actor, start=None, end=at(2)).reservation
+    assert reservation.status == "confirmed" and reservation.starts_at == at(0)
+    # When the tenant changes its mind, release says to cancel, and cancelling works
+    with pytest.raises(IllegalTransition, match="cancel it instead"):
+        services.reservation_release(actor=actor, reservation=reservation)
+    services.reservation_cancel(actor=actor, reservation=reservation)
+    # Then the nodes and events are freed, as for any cancellation
+    reservation.refresh_from_db()
+    assert reservation.status == "cancelled"
+    assert set(reservation.allocations.values_list("state", flat=True)) == {"cancelled"}
+    assert set(reservation.events.values_list("status", flat=True)) == {"cancelled"}
 
 
 def test_extend_on_the_same_nodes_reprices_and_moves_events(fleet, tenant, actor):
