@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from marketplace.core.exceptions import PermissionDenied, ServiceError
+from marketplace.core.exceptions import InvalidInput, PermissionDenied, ServiceError
 from marketplace.core.services import Actor
 from marketplace.inventory.models import GpuModel, Region
 from marketplace.reservations import policies, selectors, services
@@ -28,12 +28,14 @@ CALENDAR_STEP = timedelta(hours=12)
 # Set when this user's own booking, cancellation, extension or release succeeds: their next booking page
 # counts the shared calendar again instead of showing one from before their change.
 CAPACITY_CHANGED = "capacity_changed"
+EXTEND_END = "extend_end"  # the detail page's query parameter: the end a refused extension asked for
 DATETIME_INPUT = forms.DateTimeInput(attrs={"type": "datetime-local", "step": 900}, format="%Y-%m-%dT%H:%M")
 
 
 class SearchForm(forms.Form):
     gpu_model = forms.ModelChoiceField(queryset=GpuModel.objects.order_by("name"), to_field_name="name")
-    gpus = forms.IntegerField(min_value=1, initial=8, help_text="Whole nodes: a multiple of the node size.")
+    gpus = forms.IntegerField(min_value=1, max_value=1_000_000, initial=8,
+                              help_text="Whole nodes: a multiple of the node size.")
     start = forms.DateTimeField(required=False, widget=DATETIME_INPUT, help_text="UTC; empty means now.")
     end = forms.DateTimeField(widget=DATETIME_INPUT, help_text="UTC")
     region = forms.ModelChoiceField(queryset=Region.objects.order_by("code"), to_field_name="code", required=False,
@@ -62,6 +64,16 @@ def _form_errors(form) -> str:
     return "; ".join(f"{name}: {' '.join(errors)}" for name, errors in form.errors.items())
 
 
+def _error_once(request, message: str) -> None:
+    """An error message, unless the same one is already waiting: a refused booking goes back to its
+    search, whose own check of the window would otherwise say the same thing a second time."""
+    waiting = messages.get_messages(request)
+    shown = any(queued.message == message for queued in waiting)
+    waiting.used = False  # looking at the messages must not consume them
+    if not shown:
+        messages.error(request, message)
+
+
 @login_required
 def search(request):
     form = SearchForm(request.GET or None)
@@ -76,9 +88,9 @@ def search(request):
                                                    end=data["end"], region=data["region"],
                                                    same_domain=data["same_domain"])
         except ServiceError as exc:
-            messages.error(request, exc.message)
+            _error_once(request, exc.message)
     elif form.is_bound:
-        messages.error(request, _form_errors(form))
+        _error_once(request, _form_errors(form))
     # The capacity calendar: free GPUs per model over the next week, from the start of today (UTC).
     today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
     calendar = selectors.capacity_calendar(start=today, end=today + timedelta(days=CALENDAR_DAYS),
@@ -149,7 +161,9 @@ def reservation_detail(request, reservation_id):
         return redirect("web:reservation-list")
     return render(request, "web/reservations/detail.html", {
         "reservation": reservation, "nodes": selectors.reservation_node_names(reservation),
-        "events": reservation.events.order_by("due_at"), "extend_form": ExtendForm(initial={"end": reservation.ends_at}),
+        "events": reservation.events.order_by("due_at"),
+        # After a refused extension the form keeps the end that was asked for.
+        "extend_form": ExtendForm(initial={"end": request.GET.get(EXTEND_END) or reservation.ends_at}),
     })
 
 
@@ -172,14 +186,16 @@ def reservation_action(request, reservation_id, action):
         elif action == "extend":
             form = ExtendForm(request.POST)
             if not form.is_valid():
-                messages.error(request, _form_errors(form))
-            else:
-                services.reservation_extend(actor=actor, reservation=reservation, end=form.cleaned_data["end"],
-                                            enforce_policies=not request.user.is_staff)
-                request.session[CAPACITY_CHANGED] = True
-                messages.success(request, "Reservation extended.")
+                raise InvalidInput(_form_errors(form))
+            services.reservation_extend(actor=actor, reservation=reservation, end=form.cleaned_data["end"],
+                                        enforce_policies=not request.user.is_staff)
+            request.session[CAPACITY_CHANGED] = True
+            messages.success(request, "Reservation extended.")
     except ServiceError as exc:
         messages.error(request, exc.message)
         if exc.http_status == 404:
             return redirect("web:reservation-list")
+        if action == "extend":
+            return redirect(reverse("web:reservation-detail", kwargs={"reservation_id": reservation_id}) + "?"
+                            + urlencode({EXTEND_END: request.POST.get("end", "")}))
     return redirect("web:reservation-detail", reservation_id=reservation_id)

@@ -1,5 +1,7 @@
 """Tenant booking pages: search, book, list, detail, cancel/extend/release — errors are messages."""
 
+from datetime import timedelta
+
 import pytest
 from django.test import Client
 
@@ -123,6 +125,52 @@ def test_cancel_and_extend_from_the_detail_page(browser):
     browser.post(f"/reservations/{reservation.pk}/cancel/", {"csrfmiddlewaretoken": token})
     reservation.refresh_from_db()
     assert reservation.status == "cancelled" and reservation.ends_at == at(8)
+
+
+def test_a_search_for_now_books_from_when_book_is_pressed(browser, frozen):
+    # Given a search with the start left empty (now: 08:05, so the 08:00 slot)
+    frozen.move_to(at(0) + timedelta(minutes=5))
+    page = browser.get("/reservations/search/", SEARCH | {"start": ""})
+    assert page.context["result"].start == at(0)
+    assert b'<input type="hidden" name="start" value="">' in page.content  # the Book form's
+    # When Book is pressed after the next slot has begun (the form posts the start it was given: none)
+    frozen.move_to(at(0) + timedelta(minutes=16))
+    token = browser.cookies["csrftoken"].value
+    response = browser.post("/reservations/book/", SEARCH | {"start": "", "csrfmiddlewaretoken": token}, follow=True)
+    # Then it books from the current slot instead of refusing a start in the past
+    assert any(m.startswith("Booked 16 GPUs") for m in messages_of(response)), messages_of(response)
+    assert Reservation.objects.get().starts_at == at(0) + timedelta(minutes=15)
+
+
+def test_a_refused_booking_says_why_once(browser, frozen):
+    # Given a search with an explicit start, whose Book is pressed after that start has passed
+    token = csrf(browser)
+    frozen.move_to(at(2) + timedelta(minutes=20))
+    response = browser.post("/reservations/book/", SEARCH | {"csrfmiddlewaretoken": token}, follow=True)
+    # Then the search page it goes back to says so once, not again from its own check
+    assert messages_of(response) == ["The window cannot start in the past."]
+    assert not Reservation.objects.exists()
+
+
+def test_more_gpus_than_any_fleet_is_a_message_not_a_500(browser):
+    token = csrf(browser)
+    response = browser.post("/reservations/book/", SEARCH | {"gpus": 2**32, "csrfmiddlewaretoken": token},
+                            follow=True)
+    assert response.status_code == 200 and any("gpus:" in m for m in messages_of(response))
+    assert not Reservation.objects.exists()
+
+
+def test_a_refused_extension_keeps_the_end_that_was_asked_for(browser):
+    token = csrf(browser)
+    browser.post("/reservations/book/", SEARCH | {"csrfmiddlewaretoken": token})
+    reservation = Reservation.objects.get()
+    refused = browser.post(f"/reservations/{reservation.pk}/extend/",
+                           {"end": "2027-12-01T14:00", "csrfmiddlewaretoken": token}, follow=True)
+    assert any("at most" in m for m in messages_of(refused))
+    assert refused.context["extend_form"]["end"].value() == "2027-12-01T14:00"
+    assert b'value="2027-12-01T14:00"' in refused.content
+    reservation.refresh_from_db()
+    assert reservation.ends_at == at(6)
 
 
 def test_other_tenants_reservation_pages_are_not_reachable(browser, other_tenant):
