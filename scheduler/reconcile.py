@@ -244,7 +244,9 @@ def end_notice(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     reservation = _load(reservation_id)
     driver = drivers(reservation.cluster)
     try:
-        driver.post_event(namespace=namespace_for(reservation.tenant.slug), name=f"{reservation.pool_name}.end-notice",
+        # Named by the end it announces: a notice after an extension is a new Event, not "already exists".
+        driver.post_event(namespace=namespace_for(reservation.tenant.slug),
+                          name=f"{reservation.pool_name}.end-notice-{reservation.ends_at:%Y%m%d%H%M}",
                           reason="ReservationEndingSoon", message=notice.message)
     except RetryLater as exc:
         return Step.later(f"Could not post the notice event: {exc}", settings.MARKETPLACE["RETRY_BACKOFF"])
@@ -272,6 +274,11 @@ def release(reservation_id, *, drivers: Drivers = driver_for) -> Step:
         cleanup(reservation_id, drivers=drivers)
         return Step.ok("never provisioned")
     if services.reservation_release_begin(reservation_id=reservation_id, now=now) is None:
+        current = _load(reservation_id)
+        if current is not None and current.status in (S.PROVISIONING, S.ACTIVE, S.DEGRADED) and current.ends_at > now:
+            # Extended while this end event was being handled (the extension moves only events
+            # nobody holds): this event runs again at the new end.
+            return Step.later(f"extended: ends at {current.ends_at:%Y-%m-%d %H:%M} UTC", current.ends_at - now)
         if reservation.status in (S.FAILED, S.COMPLETED, S.CANCELLED):
             cleanup(reservation_id, drivers=drivers)  # no-op unless something was left on the cluster
         return Step.ok(f"nothing to do: {reservation.status}")

@@ -325,7 +325,12 @@ def scheduler_attempt_record(*, reservation_id, action: str, outcome: str, messa
 # --- Notice before the end --------------------------------------------------------------------
 
 def reservation_end_notice_record(*, reservation_id, now: datetime) -> PoolNotice | None:
-    """Record the notice that the window ends soon (once); None when the pool is not running."""
+    """Record the notice that the window ends soon; None when the pool is not running.
+
+    One notice per reservation, stating the current end: after an extension its message is
+    rewritten and it is to be posted again (``posted_to_cluster_at`` cleared), since the notice on
+    the cluster states the old end.
+    """
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().get(pk=reservation_id)
         if reservation.status not in (S.PROVISIONING, S.ACTIVE, S.DEGRADED):
@@ -334,15 +339,18 @@ def reservation_end_notice_record(*, reservation_id, now: datetime) -> PoolNotic
             f"Reservation {reservation.pk} ends at {reservation.ends_at:%Y-%m-%d %H:%M} UTC. Your pods on pool "
             f"{reservation.pool_name} will then be evicted; save your work before then."
         )
-        notice, created = PoolNotice.objects.get_or_create(
+        notice, created = PoolNotice.objects.select_for_update().get_or_create(
             reservation=reservation, kind=PoolNotice.Kind.END_SOON, defaults={"message": message, "created_at": now}
         )
-        if created:
-            Reservation.objects.filter(pk=reservation_id, end_notice_at__isnull=True).update(
-                end_notice_at=now, updated_at=now
-            )
-            audit_record(actor=SCHEDULER, action="reservation.end_notice", obj=reservation,
-                         tenant_id=reservation.tenant_id, after={"end_notice_at": now.isoformat(), "message": message})
+        if not created and notice.message == message:
+            return notice
+        before = None if created else {"message": notice.message}
+        if not created:
+            notice.message, notice.posted_to_cluster_at = message, None
+            notice.save(update_fields=["message", "posted_to_cluster_at"])
+        Reservation.objects.filter(pk=reservation_id).update(end_notice_at=now, updated_at=now)
+        audit_record(actor=SCHEDULER, action="reservation.end_notice", obj=reservation, tenant_id=reservation.tenant_id,
+                     before=before, after={"end_notice_at": now.isoformat(), "message": message})
     return notice
 
 
@@ -361,6 +369,8 @@ def reservation_release_begin(*, reservation_id, now: datetime) -> Reservation |
         if reservation is None:
             return None
         if reservation.status in (S.ACTIVE, S.DEGRADED, S.PROVISIONING):
+            if reservation.ends_at > now:
+                return None  # extended after its end came due: it ends at the new end
             reservation_transition(reservation=reservation, to=S.RELEASING, actor=SCHEDULER,
                                    reason="The window ended: draining and releasing the node pool.")
         elif reservation.status != S.RELEASING:

@@ -693,10 +693,20 @@ def reservation_extend(*, actor: Actor, reservation: Reservation, end: datetime,
 
 
 def _reschedule_end(reservation: Reservation, *, end_due: datetime | None = None) -> None:
+    """Move the end events to the reservation's (new) end.
+
+    A notice already sent (or being sent) announced the old end: it is due again, at once if its
+    time has passed, and says the new end. (Release early cancels the pending notice beforehand
+    and passes ``end_due``: a sent one stays sent.)
+    """
     due = reservation_event_due_times(reservation)
-    pending = reservation.events.filter(status=ReservationEvent.Status.PENDING)
-    pending.filter(kind=ReservationEvent.Kind.END_NOTICE).update(due_at=due[ReservationEvent.Kind.END_NOTICE])
-    pending.filter(kind=ReservationEvent.Kind.END).update(due_at=end_due or due[ReservationEvent.Kind.END])
+    notice, end, pending = ReservationEvent.Kind.END_NOTICE, ReservationEvent.Kind.END, ReservationEvent.Status.PENDING
+    reservation.events.filter(status=pending, kind=notice).update(due_at=due[notice])
+    reservation.events.filter(status=pending, kind=end).update(due_at=end_due or due[end])
+    if end_due is None:
+        sent = (ReservationEvent.Status.DONE, ReservationEvent.Status.CLAIMED)
+        reservation.events.filter(kind=notice, status__in=sent).update(
+            status=pending, due_at=max(due[notice], timezone.now()), claimed_by="", done_at=None)
 
 
 RELEASABLE = (S.PROVISIONING, S.ACTIVE, S.DEGRADED)

@@ -8,7 +8,9 @@ import time_machine
 from django.utils import timezone
 
 from marketplace.core.models import AuditLog
+from marketplace.core.services import Actor
 from marketplace.pools.models import PlannedOperation, Pool, PoolNotice
+from marketplace.reservations import services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from scheduler import reconcile
 from tests.scheduler.helpers import book, plan_cluster  # noqa: F401 - fixtures
@@ -151,3 +153,65 @@ def test_a_notice_for_a_pool_that_will_never_run_is_done_without_one(plan_cluste
         assert reconcile.end_notice(never_started.pk).done
     assert not PoolNotice.objects.exists()
 
+
+
+def _extend(reservation, hours: float) -> None:
+    services.reservation_extend(actor=Actor.task("test"), reservation=reservation,
+                                end=reservation.ends_at + timedelta(hours=hours), enforce_policies=False)
+    reservation.refresh_from_db()
+
+
+@pytest.mark.django_db
+def test_an_extension_after_the_notice_gets_a_notice_of_the_new_end(plan_cluster):
+    # given an active pool whose end notice has been posted
+    reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=1))
+    reconcile.run_due_events()
+    old_end = reservation.ends_at
+    with time_machine.travel(old_end - timedelta(minutes=29), tick=False) as clock:
+        assert reconcile.run_due_events() == ["done"]
+        assert f"{old_end:%H:%M} UTC" in PoolNotice.objects.get().message
+        # when the tenant extends by two hours
+        _extend(reservation, 2)
+        # then the notice is due again before the new end, not now
+        notice_event = reservation.events.get(kind=ReservationEvent.Kind.END_NOTICE)
+        assert (notice_event.status, notice_event.due_at) == ("pending", reservation.ends_at - timedelta(minutes=30))
+        assert reconcile.run_due_events() == []
+        # and when it falls due, the notice states the new end and is posted again, as a new Event
+        clock.move_to(reservation.ends_at - timedelta(minutes=29))
+        assert reconcile.run_due_events() == ["done"]
+    notice = PoolNotice.objects.get()
+    assert f"{reservation.ends_at:%H:%M} UTC" in notice.message and notice.posted_to_cluster_at is not None
+    first, second = PlannedOperation.objects.filter(kind="Event").order_by("id")
+    assert f"{old_end:%H:%M} UTC" in first.body["message"] and second.body["message"] == notice.message
+    assert first.name != second.name
+    assert AuditLog.objects.filter(object_id=str(reservation.pk), action="reservation.end_notice").count() == 2
+    # and the end itself is at the new end
+    assert reservation.events.get(kind=ReservationEvent.Kind.END).due_at == reservation.ends_at
+
+
+@pytest.mark.django_db
+def test_an_extension_while_the_end_is_being_handled_ends_at_the_new_end(plan_cluster):
+    # given an active pool whose end event a worker has just claimed at the old end
+    reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=1))
+    reconcile.run_due_events()
+    old_end = reservation.ends_at
+    with time_machine.travel(old_end + timedelta(seconds=1), tick=False) as clock:
+        reservation.events.filter(kind=ReservationEvent.Kind.END_NOTICE).update(status="done")
+        [claim] = reconcile.claim_due_events(worker="w1")
+        # when an extension that checked the window a moment before the end commits before that
+        # worker gets to the event (it moves only the events nobody holds)
+        clock.move_to(old_end - timedelta(seconds=1))
+        _extend(reservation, 1)
+        assert reservation.events.get(kind=ReservationEvent.Kind.END).status == "claimed"
+        clock.move_to(old_end + timedelta(seconds=2))
+        # then the worker does not drain the pool: the end event is due again at the new end
+        assert reconcile.process_event(claim) == "retry"
+        reservation.refresh_from_db()
+        assert reservation.status == S.ACTIVE
+        end_event = reservation.events.get(kind=ReservationEvent.Kind.END)
+        assert (end_event.status, end_event.due_at) == ("pending", reservation.ends_at)
+        # and the pool is released at the new end
+        clock.move_to(reservation.ends_at + timedelta(seconds=1))
+        assert "done" in reconcile.run_due_events()
+    reservation.refresh_from_db()
+    assert reservation.status == S.COMPLETED
