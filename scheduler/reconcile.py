@@ -172,10 +172,14 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     except RetryLater as exc:
         return _provision_problem(reservation_id, f"Cluster busy or unreachable: {exc}", drivers)
     if result.passed:
-        services.reservation_provision_record_ready(
+        if services.reservation_provision_record_ready(
             reservation_id=reservation_id, readiness=result.as_json(), passed_at=result.checked_at, now=timezone.now()
-        )
-        return Step.ok("active")
+        ):
+            return Step.ok("active")
+        current = _load(reservation_id)
+        if current is not None and current.status == S.PROVISIONING:
+            return _give_up(reservation_id, "The window ended before the pool passed its readiness check.", drivers)
+        return Step.ok(f"no longer provisioning: {current.status if current else 'gone'}")
     return _provision_problem(reservation_id, "Readiness check failed: " + "; ".join(result.problems), drivers,
                               readiness=result.as_json())
 

@@ -243,10 +243,14 @@ def reservation_provision_begin(*, reservation_id, now: datetime) -> Reservation
 
 def reservation_provision_record_ready(*, reservation_id, readiness: dict, passed_at: datetime,
                                        now: datetime) -> bool:
-    """The readiness check passed: store it, start billing (ready_at), provisioning → active."""
+    """The readiness check passed: store it, start billing (ready_at), provisioning → active.
+
+    False, changing nothing, when the reservation is no longer provisioning, or when the check
+    passed only after the window ended (nothing was delivered; the caller gives up).
+    """
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().get(pk=reservation_id)
-        if reservation.status != S.PROVISIONING:
+        if reservation.status != S.PROVISIONING or passed_at >= reservation.ends_at:
             return False
         # Billing starts when the pool passed its check, never before the booked window.
         ready_at = max(passed_at, reservation.starts_at)

@@ -3,7 +3,7 @@
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
@@ -731,6 +731,11 @@ def reservation_release(*, actor: Actor, reservation: Reservation, reason: str =
             locked.ends_at = new_end
             locked.total_price = money.reservation_total(unit_price=locked.unit_price, gpus=locked.gpus,
                                                          duration=new_end - locked.starts_at)
+        if now < locked.starts_at:
+            # Released while its pool was being provisioned, before the window began: nothing was
+            # delivered. (The window keeps its first slot: a reservation never ends at its start.)
+            locked.total_price = money.reservation_total(unit_price=locked.unit_price, gpus=locked.gpus,
+                                                         duration=timedelta(0))
         locked.released_at = now
         locked.save(update_fields=["ends_at", "total_price", "released_at", "updated_at"])
         # The scheduler drains the pool when the end event is due: that is now.

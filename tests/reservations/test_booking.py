@@ -272,6 +272,20 @@ def test_release_early_trims_and_moves_to_releasing(fleet, tenant, actor, frozen
     assert reservation.events.get(kind="end_notice").status == "cancelled"
 
 
+def test_a_release_while_the_pool_is_provisioning_before_the_start_costs_nothing(fleet, tenant, actor, frozen):
+    # Given a booking from 10:00 whose pool the scheduler began provisioning at 09:50 (not cancellable)
+    reservation = book(tenant, actor).reservation
+    frozen.move_to(at(2) - timedelta(minutes=10))
+    services.reservation_transition(reservation=reservation, to="provisioning", actor=Actor.task("t"))
+    # When the tenant releases it at 09:55
+    frozen.move_to(at(2) - timedelta(minutes=5))
+    services.reservation_release(actor=actor, reservation=reservation)
+    # Then nothing is owed for it; the window keeps its first slot, which the scheduler drains now
+    reservation.refresh_from_db()
+    assert reservation.status == "releasing" and reservation.total_price == Decimal("0.00")
+    assert reservation.ends_at == at(2.25) and reservation.events.get(kind="end").due_at == at(2) - timedelta(minutes=5)
+
+
 def test_release_before_start_is_refused(fleet, tenant, actor):
     reservation = book(tenant, actor).reservation
     with pytest.raises(IllegalTransition):

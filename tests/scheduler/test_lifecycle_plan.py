@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor
+from marketplace.pools import services as services_pools
 from marketplace.pools.models import PlannedOperation, Pool, PoolNotice
 from marketplace.reservations import services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
@@ -215,3 +216,19 @@ def test_an_extension_while_the_end_is_being_handled_ends_at_the_new_end(plan_cl
         assert "done" in reconcile.run_due_events()
     reservation.refresh_from_db()
     assert reservation.status == S.COMPLETED
+
+
+@pytest.mark.django_db
+def test_a_pool_ready_only_after_its_window_ended_fails_and_is_not_billed(plan_cluster):
+    # given a pool whose provisioning began before its window ended
+    reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(minutes=1))
+    services_pools.reservation_provision_begin(reservation_id=reservation.pk, now=timezone.now())
+    # when its check passes only after the end (retries ran past it)
+    with time_machine.travel(reservation.ends_at + timedelta(minutes=12), tick=False):
+        step = reconcile.provision(reservation.pk)
+    # then it is failed, never active, with nothing to bill, and cleaned off the cluster
+    reservation.refresh_from_db()
+    assert step.done and "window ended" in step.note
+    assert reservation.status == S.FAILED and reservation.ready_at is None
+    assert "reservation.active" not in _statuses(reservation)
+    assert not Pool.objects.get(pk=reservation.pk).on_cluster
