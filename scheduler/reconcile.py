@@ -81,6 +81,10 @@ def _load(reservation_id) -> Reservation | None:
 TENANT_LEASE_WAIT = 10.0  # seconds to wait for another worker's call on the same tenant's objects
 
 
+class TenantBusy(RetryLater):
+    """Another worker holds the tenant's lease in this cluster: nothing is wrong with the cluster."""
+
+
 def _ensure_tenant(driver: ClusterDriver, reservation: Reservation, *, exclude_self: bool = False) -> int:
     """The tenant's namespace and quota sized to everything it holds on this cluster now.
 
@@ -93,7 +97,7 @@ def _ensure_tenant(driver: ClusterDriver, reservation: Reservation, *, exclude_s
     while not services.tenant_lease_acquire(**keys, token=token, now=timezone.now(),
                                             ttl=settings.MARKETPLACE["CLAIM_TIMEOUT"]):
         if time.monotonic() > deadline:
-            raise RetryLater(f"the objects of tenant {reservation.tenant.slug} are being changed by another worker")
+            raise TenantBusy(f"the objects of tenant {reservation.tenant.slug} are being changed by another worker")
         time.sleep(0.1)
     try:
         gpus = selectors.tenant_cluster_gpus(**keys, exclude_reservation_id=reservation.pk if exclude_self else None)
@@ -160,15 +164,18 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     if services.reservation_provision_begin(reservation_id=reservation_id, now=now) is None:
         return Step.ok(f"nothing to do: {reservation.status}")
     reservation = _load(reservation_id)
-    driver = drivers(reservation.cluster)
     nodes = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
     spec = pool_spec(reservation, nodes)
     try:
+        driver = drivers(reservation.cluster)  # inside: an unreadable kubeconfig is a failed attempt like any
         _ensure_tenant(driver, reservation)
         driver.apply_pool(spec)
         result = driver.check_pool(spec)
     except GiveUp as exc:
         return _give_up(reservation_id, f"Provisioning gave up: {exc}", drivers)
+    except TenantBusy as exc:
+        # Waiting for another worker (or for a dead one's lease to run out) uses no attempt.
+        return Step.later(str(exc), settings.MARKETPLACE["EVENT_SWEEP_INTERVAL"])
     except RetryLater as exc:
         return _provision_problem(reservation_id, f"Cluster busy or unreachable: {exc}", drivers)
     if result.passed:
@@ -208,8 +215,8 @@ def cleanup(reservation_id, *, drivers: Drivers = driver_for) -> bool:
         return False
     if not services.pool_is_on_cluster(reservation_id=reservation_id):
         return False  # never reached the cluster, or already cleaned up
-    driver = drivers(reservation.cluster)
     try:
+        driver = drivers(reservation.cluster)
         _unlabel_existing(driver, reservation, selectors.pool_node_names_ever(reservation_id=reservation_id))
         _ensure_tenant(driver, reservation, exclude_self=True)
     except (RetryLater, GiveUp) as exc:
@@ -246,8 +253,8 @@ def end_notice(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     if notice.posted_to_cluster_at is not None:
         return Step.ok("already posted")
     reservation = _load(reservation_id)
-    driver = drivers(reservation.cluster)
     try:
+        driver = drivers(reservation.cluster)
         # Named by the end it announces: a notice after an extension is a new Event, not "already exists".
         driver.post_event(namespace=namespace_for(reservation.tenant.slug),
                           name=f"{reservation.pool_name}.end-notice-{reservation.ends_at:%Y%m%d%H%M}",
@@ -287,17 +294,14 @@ def release(reservation_id, *, drivers: Drivers = driver_for) -> Step:
             cleanup(reservation_id, drivers=drivers)  # no-op unless something was left on the cluster
         return Step.ok(f"nothing to do: {reservation.status}")
     reservation = _load(reservation_id)
-    driver = drivers(reservation.cluster)
     drain_started = services.pool_drain_started_at(reservation_id=reservation_id) or now
     grace = settings.MARKETPLACE["DRAIN_GRACE_PERIOD"]
     force = timezone.now() >= drain_started + grace
     try:
+        driver = drivers(reservation.cluster)
         current = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
-        # Drain the nodes still in the pool. A node already unlabelled was drained before (the
-        # order is drain, then unlabel), and must not be cordoned again: nothing would uncordon it.
-        pool_key = manifests.pool_label_key(_prefix())
         to_drain = [name for name, state in _existing(driver, current).items()
-                    if driver.kind == "plan" or state.labels.get(pool_key) == reservation.pool_name]
+                    if driver.kind == "plan" or _still_to_drain(reservation, state)]
         if to_drain:
             remaining = driver.drain_pool(pool_spec(reservation, to_drain), force=force)
             if remaining:
@@ -387,15 +391,27 @@ def _in_pool(reservation: Reservation, state: NodeState | None) -> bool:
     )
 
 
+def _still_to_drain(reservation: Reservation, state: NodeState) -> bool:
+    """Whether release has yet to drain this node of the pool: it still has the pool's label, or,
+    the label removed by hand, still the tenant's taint. Our own unlabel step removes both, after
+    draining, so a node drained before is not cordoned again (nothing would uncordon it)."""
+    pool = state.labels.get(manifests.pool_label_key(_prefix()))
+    if pool is not None:
+        return pool == reservation.pool_name
+    tenant_key = manifests.tenant_label_key(_prefix())
+    return any(taint.get("key") == tenant_key and taint.get("value") == reservation.tenant.slug
+               for taint in state.taints)
+
+
 def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
     """Active or degraded pool: observe its nodes; a sick node → degraded + downtime + swap; drift
     repaired by re-applying the desired state; all healthy and checked → active again."""
     reservation = _load(reservation_id)
     if reservation is None or reservation.status not in (S.ACTIVE, S.DEGRADED):
         return "not running"
-    driver = drivers(reservation.cluster)
     allocations = selectors.pool_allocations(reservation_id=reservation_id)
     try:
+        driver = drivers(reservation.cluster)
         observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}
         sick = []
         for allocation in allocations:

@@ -114,8 +114,11 @@ def scheduler_health(*, now: datetime, overdue_after: timedelta = timedelta(minu
                             .order_by("due_at")[:limit]),
         stale_claims=list(events.filter(status=ReservationEvent.Status.CLAIMED, claimed_at__lt=now - claim_timeout)
                           .order_by("claimed_at")[:limit]),
-        failed=list(Reservation.objects.filter(status=S.FAILED).select_related("tenant", "cluster")
-                    .order_by("-status_changed_at")[:limit]),
+        # Failures ops can still act on (retry: the window is not over) or that are recent; an old
+        # failure stays in the audit log and the reservation list, not in the verdict forever.
+        failed=list(Reservation.objects.filter(status=S.FAILED)
+                    .filter(Q(ends_at__gt=now) | Q(status_changed_at__gte=now - timedelta(days=1)))
+                    .select_related("tenant", "cluster").order_by("-status_changed_at")[:limit]),
         degraded=list(Reservation.objects.filter(status=S.DEGRADED).select_related("tenant", "cluster")
                       .order_by("-status_changed_at")[:limit]),
         open_downtimes=list(Downtime.objects.open().select_related("node", "reservation__tenant")[:limit]),

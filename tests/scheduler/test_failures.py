@@ -9,11 +9,13 @@ from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict
 from marketplace.core.services import Actor
-from marketplace.pools import services
-from marketplace.pools.models import Pool, SchedulerAttempt
+from marketplace.inventory.models import Cluster
+from marketplace.pools import selectors, services
+from marketplace.pools.models import Pool, SchedulerAttempt, TenantClusterLease
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from scheduler import reconcile
 from scheduler.driver import GiveUp, RetryLater
+from tests.factories import ClusterFactory, NodeFactory
 from tests.scheduler.helpers import book, kube_cluster, memory, pool_nodes  # noqa: F401 - fixtures
 
 S = Reservation.Status
@@ -134,3 +136,55 @@ def test_ops_retry_refuses_when_a_node_was_booked_meanwhile(memory, kube_cluster
                                    now=timezone.now())
     reservation.refresh_from_db()
     assert reservation.status == S.FAILED
+
+
+@pytest.mark.django_db
+def test_waiting_for_a_dead_workers_tenant_lease_uses_no_provisioning_attempt(memory, kube_cluster, monkeypatch):
+    monkeypatch.setattr(reconcile, "TENANT_LEASE_WAIT", 0.05)
+    nodes, _ = pool_nodes(memory, kube_cluster, count=2)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=1))
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        # given a worker that died holding the tenant's lease on this cluster for the claim timeout
+        TenantClusterLease.objects.create(tenant=reservation.tenant, cluster=kube_cluster,
+                                          lease_token="dead-worker", lease_until=timezone.now() + timedelta(seconds=300))
+        # when the start is swept every 5 s until the lease runs out
+        for _ in range(62):
+            reconcile.run_due_events(drivers=memory.drivers)
+            clock.shift(timedelta(seconds=5))
+    # then no attempt was spent on the wait, and the pool is provisioned once the lease is gone
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+    assert Pool.objects.get(pk=reservation.pk).provision_attempts == 0
+
+
+@pytest.mark.django_db
+def test_an_unreadable_kubeconfig_is_a_counted_attempt_ops_can_see(tmp_path):
+    # given a cluster whose kubeconfig file is missing, and a reservation starting on it
+    row = ClusterFactory(name="k-missing", connection=Cluster.Connection.KUBECONFIG,
+                         kubeconfig_path=str(tmp_path / "missing.yaml"))
+    reservation = book(nodes=[NodeFactory(cluster=row) for _ in range(2)],
+                       starts_at=timezone.now() + timedelta(minutes=1), duration=timedelta(hours=1))
+    # when the start is swept
+    reconcile.run_due_events()
+    # then it is recorded like any failure to reach the cluster: failed, nodes freed, on the ops page
+    reservation.refresh_from_db()
+    assert reservation.status == S.FAILED and "kubeconfig" in reservation.status_reason.lower()
+    assert set(reservation.allocations.values_list("state", flat=True)) == {Allocation.State.CANCELLED}
+    assert reservation in selectors.scheduler_health(now=timezone.now()).failed
+
+
+@pytest.mark.django_db
+def test_an_old_failure_no_longer_keeps_the_scheduler_from_being_ok(memory, kube_cluster):
+    # given a reservation that failed and whose window is over
+    nodes, _ = pool_nodes(memory, kube_cluster)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=1), duration=timedelta(hours=1))
+    memory.fail("apply_pool", GiveUp("403 Forbidden"))
+    reconcile.run_due_events(drivers=memory.drivers)
+    reservation.refresh_from_db()
+    assert reservation.status == S.FAILED
+    # then it counts against the verdict while it can be retried, and for a day after it failed
+    assert not selectors.scheduler_health(now=timezone.now()).ok
+    assert not selectors.scheduler_health(now=reservation.ends_at + timedelta(hours=12)).ok
+    # but not a month later
+    later = selectors.scheduler_health(now=timezone.now() + timedelta(days=30))
+    assert later.ok and later.failed == []

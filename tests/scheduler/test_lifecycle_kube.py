@@ -209,6 +209,29 @@ def test_hand_edits_on_the_server_are_repaired(cluster, row, tenant_on):
 
 
 @pytest.mark.django_db
+def test_a_node_whose_pool_label_was_removed_by_hand_is_still_drained_at_the_end(cluster, row, tenant_on):
+    # given an active pool with a tenant pod on a node whose pool label someone removed by hand
+    nodes, _ = add_nodes(cluster, row, 2)
+    reservation = book(tenant=tenant_on, nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5),
+                       duration=timedelta(hours=1))
+    namespace = f"tenant-{tenant_on.slug}"
+    with time_machine.travel(timezone.now(), tick=True) as clock:
+        assert reconcile.run_due_events() == ["done"]
+        cluster.add_pod(namespace, "train", nodes[0].name)
+        cluster.patch_node(nodes[0].name, [{"op": "remove", "path": f"/metadata/labels/{PREFIX.replace('/', '~1')}~1pool"}])
+        # when the end falls due
+        clock.move_to(reservation.ends_at + timedelta(seconds=1))
+        # then the pod is evicted first (the notice is done too): the release waits with the node cordoned
+        assert sorted(reconcile.run_due_events()) == ["done", "retry"]
+        assert marks(cluster, nodes[0].name)["unschedulable"]
+        clock.shift(GRACE_PASSED)
+        assert reconcile.run_due_events() == ["done"]
+    # and the node goes back clean, with no tenant pod left on it
+    assert_released(cluster, reservation, nodes, namespace)
+    assert [pod for pod in cluster.pods(namespace) if pod["spec"].get("nodeName") == nodes[0].name] == []
+
+
+@pytest.mark.django_db
 def test_killed_mid_provision_is_finished_on_the_server(cluster, row, tenant_on):
     # given a start event whose worker made the namespace, labelled one node, and died
     nodes, _ = add_nodes(cluster, row, 2)
