@@ -18,4 +18,9 @@ def beat_schedule() -> dict:
             "schedule": marketplace["RECONCILE_INTERVAL"].total_seconds(),
             "options": {"expires": marketplace["RECONCILE_INTERVAL"].total_seconds()},
         },
+        "recheck-unhealthy-nodes": {
+            "task": "scheduler.recheck_unhealthy_nodes",
+            "schedule": marketplace["RECONCILE_INTERVAL"].total_seconds(),
+            "options": {"expires": marketplace["RECONCILE_INTERVAL"].total_seconds()},
+        },
     }

@@ -470,6 +470,29 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
     return "repaired" if to_apply else "in sync"
 
 
+def recheck_unhealthy_nodes(*, drivers: Drivers = driver_for) -> int:
+    """Nodes marked unhealthy are observed again and marked healthy once Ready with all their GPUs.
+
+    Heal observes only the nodes of running pools: without this, a node swapped out of a pool (or
+    one that fell sick while idle) would stay unhealthy, never offered again, after a mere kubelet
+    restart. Plan-only clusters have nothing to observe (their health is what ops set). Returns how
+    many nodes are healthy again. Read, call the cluster, record: no transaction across the call.
+    """
+    recovered = 0
+    for cluster, nodes in selectors.unhealthy_nodes_by_cluster():
+        try:
+            driver = drivers(cluster)
+            if driver.kind == "plan":
+                continue
+            observed = driver.observe_nodes([node.name for node in nodes])
+        except (RetryLater, GiveUp) as exc:
+            log.warning("could not observe the unhealthy nodes of cluster %s: %s", cluster.name, exc)
+            continue
+        healthy = [node.pk for node in nodes if _node_healthy(driver, node, observed.get(node.name))[0]]
+        recovered += services.node_health_record(node_ids=healthy, health=Node.Health.HEALTHY, now=timezone.now())
+    return recovered
+
+
 def reconcile_all() -> list:
     """Every reservation that needs looking at (the beat runs this every few minutes)."""
     return selectors.reservations_to_reconcile(now=timezone.now())

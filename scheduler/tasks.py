@@ -57,6 +57,12 @@ def reconcile_all() -> int:
     return len(ids)
 
 
+@shared_task(name="scheduler.recheck_unhealthy_nodes", ignore_result=True)
+def recheck_unhealthy_nodes() -> int:
+    """Beat, every few minutes: unhealthy nodes outside running pools are observed again."""
+    return _measure("recheck_unhealthy_nodes", reconcile.recheck_unhealthy_nodes)
+
+
 @shared_task(name="scheduler.reconcile_reservation", ignore_result=True, acks_late=True)
 def reconcile_reservation(reservation_id: str) -> str:
     return _measure("reconcile_reservation", reconcile.reconcile_reservation, reservation_id)

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db.models import Exists, OuterRef, Q, Sum
 
-from marketplace.inventory.models import MaintenanceWindow, Node
+from marketplace.inventory.models import Cluster, MaintenanceWindow, Node
 from marketplace.pools.models import Downtime, PlannedOperation, Pool, PoolNotice, SchedulerAttempt
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.status import ON_CLUSTER, ReservationStatus as S
@@ -87,6 +87,16 @@ def reservations_to_reconcile(*, now: datetime) -> list:
         | Q(pool__on_cluster=True)
     )
     return list(qs.order_by("starts_at").values_list("pk", flat=True))
+
+
+def unhealthy_nodes_by_cluster() -> list[tuple[Cluster, list[Node]]]:
+    """Nodes marked unhealthy (not retired), grouped by their active cluster."""
+    nodes = (Node.objects.filter(health=Node.Health.UNHEALTHY, cluster__status=Cluster.Status.ACTIVE)
+             .exclude(status=Node.Status.RETIRED).select_related("cluster").order_by("cluster_id", "name"))
+    grouped: dict[int, tuple[Cluster, list[Node]]] = {}
+    for node in nodes:
+        grouped.setdefault(node.cluster_id, (node.cluster, []))[1].append(node)
+    return list(grouped.values())
 
 
 @dataclass

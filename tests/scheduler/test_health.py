@@ -11,6 +11,7 @@ from marketplace.core.models import AuditLog
 from marketplace.inventory.models import Node
 from marketplace.pools.models import Downtime
 from marketplace.reservations.models import Allocation, Reservation
+from marketplace.reservations.selectors import free_nodes
 from scheduler import reconcile
 from tests.factories import NodeFactory
 from tests.scheduler.helpers import book, kube_cluster, memory, plan_cluster, pool_nodes  # noqa: F401 - fixtures
@@ -53,6 +54,26 @@ def test_a_notready_node_is_swapped_for_a_free_one(memory, kube_cluster):
     # and the downtime (not billed) is recorded and closed
     downtime = Downtime.objects.get(reservation=reservation)
     assert downtime.node_id == nodes[0].pk and downtime.ended_at is not None and "NotReady" in downtime.reason
+
+
+@pytest.mark.django_db
+def test_a_node_swapped_out_sick_is_healthy_and_bookable_again_once_ready(memory, kube_cluster):
+    # given a pool node that went NotReady and was swapped out of its pool for a spare
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    memory.nodes[nodes[0].name].ready = False
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    # when it is still NotReady, the recheck leaves it unhealthy
+    assert reconcile.recheck_unhealthy_nodes(drivers=memory.drivers) == 0
+    assert Node.objects.get(pk=nodes[0].pk).health == Node.Health.UNHEALTHY
+    # when it is Ready again (a kubelet restart, say), the recheck marks it healthy
+    memory.nodes[nodes[0].name].ready = True
+    assert reconcile.recheck_unhealthy_nodes(drivers=memory.drivers) == 1
+    # then it is offered to bookings again, and the change is audited
+    node = Node.objects.get(pk=nodes[0].pk)
+    assert node.health == Node.Health.HEALTHY
+    later = reservation.ends_at + timedelta(hours=1)
+    assert node in free_nodes(gpu_model=node.gpu_model, start=later, end=later + timedelta(hours=1))
+    assert AuditLog.objects.filter(action="node.health", after__health="healthy").exists()
 
 
 @pytest.mark.django_db

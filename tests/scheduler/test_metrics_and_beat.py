@@ -32,6 +32,8 @@ def test_beat_sweeps_every_few_seconds_and_reconciles_every_few_minutes(settings
     assert schedule["sweep-due-events"]["schedule"] <= 10
     assert schedule["reconcile-all"]["task"] == "scheduler.reconcile_all"
     assert 60 <= schedule["reconcile-all"]["schedule"] <= 600
+    assert schedule["recheck-unhealthy-nodes"]["task"] == "scheduler.recheck_unhealthy_nodes"
+    assert 60 <= schedule["recheck-unhealthy-nodes"]["schedule"] <= 600
     assert {"scheduler.sweep_due_events", "scheduler.process_event", "scheduler.reconcile_all",
             "scheduler.reconcile_reservation"} <= set(app.tasks)
 
