@@ -51,6 +51,11 @@ def add_nodes(cluster, row, count, *, spare=0, domain="ib-0"):
     return nodes[:count], nodes[count:]
 
 
+def book_an_hour(tenant, nodes):
+    """A confirmed reservation of ``nodes`` from five minutes from now, for an hour."""
+    return book(tenant=tenant, nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5), duration=timedelta(hours=1))
+
+
 def marks(cluster, name):
     """What of ours is on the Node object: labels, taints, cordon."""
     node = cluster.node(name)
@@ -89,8 +94,7 @@ def quota(cluster, namespace):
 def test_from_confirmed_to_completed_on_the_server(cluster, row, tenant_on):
     # given two nodes on the cluster and a confirmed reservation of both
     nodes, _ = add_nodes(cluster, row, 2)
-    reservation = book(tenant=tenant_on, nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5),
-                       duration=timedelta(hours=1))
+    reservation = book_an_hour(tenant_on, nodes)
     namespace = f"tenant-{tenant_on.slug}"
     with time_machine.travel(timezone.now(), tick=True) as clock:
         # when the start event is swept
@@ -212,8 +216,7 @@ def test_hand_edits_on_the_server_are_repaired(cluster, row, tenant_on):
 def test_a_node_whose_pool_label_was_removed_by_hand_is_still_drained_at_the_end(cluster, row, tenant_on):
     # given an active pool with a tenant pod on a node whose pool label someone removed by hand
     nodes, _ = add_nodes(cluster, row, 2)
-    reservation = book(tenant=tenant_on, nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5),
-                       duration=timedelta(hours=1))
+    reservation = book_an_hour(tenant_on, nodes)
     namespace = f"tenant-{tenant_on.slug}"
     with time_machine.travel(timezone.now(), tick=True) as clock:
         assert reconcile.run_due_events() == ["done"]
