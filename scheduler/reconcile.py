@@ -413,16 +413,23 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
     try:
         driver = drivers(reservation.cluster)
         observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}
-        sick = []
+        sick, observed_sick = [], set()
         for allocation in allocations:
-            healthy, why = _node_healthy(driver, allocation.node, observed.get(allocation.node.name))
+            node = allocation.node
+            if node.status != Node.Status.AVAILABLE:
+                # Taken out of service by ops with force (retired, offline, maintenance): swapped
+                # out like a sick node; its health is not what changed, so it is left as it is.
+                sick.append((allocation, f"node is {node.get_status_display().lower()} in the inventory"))
+                continue
+            healthy, why = _node_healthy(driver, node, observed.get(node.name))
             if not healthy:
                 sick.append((allocation, why))
+                observed_sick.add(node.pk)
         if driver.kind != "plan":
             sick_ids = {a.node_id for a, _ in sick}
             services.node_health_record(node_ids=[a.node_id for a in allocations if a.node_id not in sick_ids],
                                         health=Node.Health.HEALTHY, now=timezone.now())
-            services.node_health_record(node_ids=list(sick_ids), health=Node.Health.UNHEALTHY, now=timezone.now())
+            services.node_health_record(node_ids=list(observed_sick), health=Node.Health.UNHEALTHY, now=timezone.now())
         swapped_out = []
         for allocation, why in sick:
             services.reservation_degrade(reservation_id=reservation_id, node_id=allocation.node_id,

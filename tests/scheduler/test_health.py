@@ -8,6 +8,8 @@ import time_machine
 from django.utils import timezone
 
 from marketplace.core.models import AuditLog
+from marketplace.core.services import Actor
+from marketplace.inventory import services as inventory
 from marketplace.inventory.models import Node
 from marketplace.pools.models import Downtime
 from marketplace.reservations.models import Allocation, Reservation
@@ -74,6 +76,21 @@ def test_a_node_swapped_out_sick_is_healthy_and_bookable_again_once_ready(memory
     later = reservation.ends_at + timedelta(hours=1)
     assert node in free_nodes(gpu_model=node.gpu_model, start=later, end=later + timedelta(hours=1))
     assert AuditLog.objects.filter(action="node.health", after__health="healthy").exists()
+
+
+@pytest.mark.django_db
+def test_a_pool_node_ops_retire_with_force_is_swapped_out(memory, kube_cluster):
+    # given an active pool and a free spare
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    # when ops retire a pool node with force, and the reconcile runs
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[nodes[0].pk], status=Node.Status.RETIRED,
+                                   force=True)
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    # then the spare took its place in the pool, with a downtime for the swap, and its health is untouched
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+    assert reservation.allocations.get(node=nodes[0]).state == Allocation.State.REPLACED
+    assert "retired" in Downtime.objects.get(reservation=reservation, node=nodes[0]).reason
+    assert Node.objects.get(pk=nodes[0].pk).health == Node.Health.HEALTHY
 
 
 @pytest.mark.django_db
