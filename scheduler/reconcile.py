@@ -164,6 +164,11 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     if services.reservation_provision_begin(reservation_id=reservation_id, now=now) is None:
         return Step.ok(f"nothing to do: {reservation.status}")
     reservation = _load(reservation_id)
+    # A node taken out of service (or marked unhealthy) since the booking is replaced by a free one
+    # before the pool is built, as heal does in a running pool; without a free node it stays.
+    for allocation in selectors.pool_allocations(reservation_id=reservation_id):
+        if allocation.node.status != Node.Status.AVAILABLE or allocation.node.health == Node.Health.UNHEALTHY:
+            services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk, now=timezone.now())
     nodes = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
     spec = pool_spec(reservation, nodes)
     try:

@@ -462,7 +462,7 @@ def allocation_swap(*, reservation_id, allocation_id, now: datetime) -> Allocati
             with transaction.atomic():
                 locked = Reservation.objects.select_for_update().get(pk=reservation_id)
                 current = Allocation.objects.select_for_update().get(pk=allocation_id)
-                if locked.status not in (S.ACTIVE, S.DEGRADED) or current.state != Allocation.State.ACTIVE:
+                if locked.status not in (S.PROVISIONING, S.ACTIVE, S.DEGRADED) or current.state != Allocation.State.ACTIVE:
                     return None
                 # SQLite has no exclusion constraint; its write transactions are serialised, so
                 # this check runs alone. On PostgreSQL the constraint decides.

@@ -94,6 +94,23 @@ def test_a_pool_node_ops_retire_with_force_is_swapped_out(memory, kube_cluster):
 
 
 @pytest.mark.django_db
+def test_a_booked_node_ops_retire_before_the_start_is_replaced_when_the_pool_is_built(memory, kube_cluster):
+    # given a booking that has not started, and a free spare
+    nodes, (spare,) = pool_nodes(memory, kube_cluster, count=2, spare=1)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
+    # when ops retire one of its nodes with force, and the start falls due
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[nodes[0].pk], status=Node.Status.RETIRED,
+                                   force=True)
+    with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False):
+        assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+    # then the pool is built on the other node and the spare, and the retired node's period is freed
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+    assert reservation.allocations.get(node=nodes[0]).state == Allocation.State.CANCELLED
+
+
+@pytest.mark.django_db
 def test_without_a_free_node_the_downtime_stays_open_until_the_node_recovers(memory, kube_cluster):
     # given an active pool and no free node anywhere
     reservation, nodes, _ = active_pool(memory, kube_cluster)
