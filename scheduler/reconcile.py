@@ -166,10 +166,14 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     reservation = _load(reservation_id)
     # A node taken out of service (or marked unhealthy) since the booking is replaced by a free one
     # before the pool is built, as heal does in a running pool; without a free node it stays.
-    for allocation in selectors.pool_allocations(reservation_id=reservation_id):
-        if allocation.node.status != Node.Status.AVAILABLE or allocation.node.health == Node.Health.UNHEALTHY:
-            services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk, now=timezone.now())
-    nodes = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
+    allocations = selectors.pool_allocations(reservation_id=reservation_id)
+    unusable = [a for a in allocations
+                if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY]
+    for allocation in unusable:
+        services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk, now=timezone.now())
+    if unusable:
+        allocations = selectors.pool_allocations(reservation_id=reservation_id)
+    nodes = [allocation.node.name for allocation in allocations]
     spec = pool_spec(reservation, nodes)
     try:
         driver = drivers(reservation.cluster)  # inside: an unreadable kubeconfig is a failed attempt like any
@@ -483,7 +487,8 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
 
 
 def recheck_unhealthy_nodes(*, drivers: Drivers = driver_for) -> int:
-    """Nodes marked unhealthy are observed again and marked healthy once Ready with all their GPUs.
+    """Nodes marked unhealthy outside running pools are observed again, and marked healthy once
+    Ready with all their GPUs.
 
     Heal observes only the nodes of running pools: without this, a node swapped out of a pool (or
     one that fell sick while idle) would stay unhealthy, never offered again, after a mere kubelet

@@ -90,9 +90,13 @@ def reservations_to_reconcile(*, now: datetime) -> list:
 
 
 def unhealthy_nodes_by_cluster() -> list[tuple[Cluster, list[Node]]]:
-    """Nodes marked unhealthy (not retired), grouped by their active cluster."""
+    """Nodes marked unhealthy (not retired) that no running pool holds, grouped by their active
+    cluster: heal observes the nodes of running pools itself."""
+    in_running_pool = Allocation.objects.filter(node=OuterRef("pk"), state=Allocation.State.ACTIVE,
+                                                reservation__status__in=(S.ACTIVE, S.DEGRADED))
     nodes = (Node.objects.filter(health=Node.Health.UNHEALTHY, cluster__status=Cluster.Status.ACTIVE)
-             .exclude(status=Node.Status.RETIRED).select_related("cluster").order_by("cluster_id", "name"))
+             .exclude(status=Node.Status.RETIRED).exclude(Exists(in_running_pool))
+             .select_related("cluster").order_by("cluster_id", "name"))
     grouped: dict[int, tuple[Cluster, list[Node]]] = {}
     for node in nodes:
         grouped.setdefault(node.cluster_id, (node.cluster, []))[1].append(node)
