@@ -311,6 +311,12 @@ def release(reservation_id, *, drivers: Drivers = driver_for) -> Step:
         current = [allocation.node.name for allocation in selectors.pool_allocations(reservation_id=reservation_id)]
         to_drain = [name for name, state in _existing(driver, current).items()
                     if driver.kind == "plan" or _still_to_drain(reservation, state)]
+        if driver.kind != "plan":
+            # Nodes swapped out whose drain a reconcile had not finished still carry the pool's label.
+            label = manifests.pool_label_key(_prefix())
+            left = selectors.pool_nodes_left(reservation_id=reservation_id)
+            to_drain += [name for name, state in _existing(driver, [n for n in left if n not in current]).items()
+                         if state.labels.get(label) == reservation.pool_name]
         if to_drain:
             remaining = driver.drain_pool(pool_spec(reservation, to_drain), force=force)
             if remaining:
@@ -461,8 +467,7 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
                     reservation_id=reservation_id, action=Action.HEAL, outcome=Outcome.OK, now=timezone.now(),
                     message="pool re-applied (drift or new node): " + ", ".join(to_apply[:20]),
                 )
-        if swapped_out:
-            _unlabel_existing(driver, reservation, [node.name for node in swapped_out])
+        _drain_nodes_that_left(driver, reservation, just_swapped=[node.name for node in swapped_out])
         reservation = _load(reservation_id)
         if reservation.status == S.DEGRADED:
             still_sick = {a.node_id for a, _ in sick if a.node.name in {c.node.name for c in current}}
@@ -484,6 +489,42 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
                                           message=f"Reconcile could not reach the cluster: {exc}", now=timezone.now())
         return "retry"
     return "repaired" if to_apply else "in sync"
+
+
+def _drain_nodes_that_left(driver: ClusterDriver, reservation: Reservation, *, just_swapped: list[str]) -> None:
+    """Drain the nodes swapped out of the pool, then take the pool's label and taint off them.
+
+    Unlabelled with the tenant's pods still on it, a swapped-out node would run those pods
+    untainted, on a node the next booking may get. A node keeps the pool's label until it is
+    drained, so a later reconcile (or the release) finds it again: level-based. Pods are evicted
+    first; they are deleted with force once the drain grace period since the swap has passed, or
+    at once on a node that is not Ready (its kubelet cannot confirm an eviction). A plan-only
+    cluster has nothing to observe: the nodes swapped out just now are recorded as drained.
+    """
+    if driver.kind == "plan":
+        if just_swapped:
+            driver.drain_pool(pool_spec(reservation, just_swapped), force=False)
+            driver.unlabel_pool(pool_spec(reservation, just_swapped))
+        return
+    left = selectors.pool_nodes_left(reservation_id=reservation.pk)
+    label = manifests.pool_label_key(_prefix())
+    marked = {name: state for name, state in _existing(driver, list(left)).items()
+              if state.labels.get(label) == reservation.pool_name}
+    if not marked:
+        return
+    due = timezone.now() - settings.MARKETPLACE["DRAIN_GRACE_PERIOD"]
+    forced = sorted(name for name, state in marked.items() if not state.ready or left[name] <= due)
+    gentle = sorted(set(marked) - set(forced))
+    remaining = sum(driver.drain_pool(pool_spec(reservation, names), force=force)
+                    for names, force in ((forced, True), (gentle, False)) if names)
+    if remaining:
+        services.scheduler_attempt_record(
+            reservation_id=reservation.pk, action=Action.HEAL, outcome=Outcome.RETRY, now=timezone.now(),
+            message=f"{remaining} tenant pods still on node(s) swapped out of the pool ({', '.join(sorted(marked))}); "
+                    "they keep the pool's taint until drained",
+        )
+        return
+    driver.unlabel_pool(pool_spec(reservation, sorted(marked)))
 
 
 def recheck_unhealthy_nodes(*, drivers: Drivers = driver_for) -> int:

@@ -31,6 +31,17 @@ def pool_allocations(*, reservation_id) -> list[Allocation]:
     )
 
 
+def pool_nodes_left(*, reservation_id) -> dict[str, datetime]:
+    """Nodes swapped out of this pool (and not back in it), by name, with when they left it."""
+    in_pool = Allocation.objects.filter(reservation_id=reservation_id, state=Allocation.State.ACTIVE)
+    left: dict[str, datetime] = {}
+    for name, left_at in (Allocation.objects.filter(reservation_id=reservation_id, state=Allocation.State.REPLACED)
+                          .exclude(node_id__in=in_pool.values("node_id"))
+                          .values_list("node__name", "ends_at")):
+        left[name] = max(left_at, left.get(name, left_at))
+    return left
+
+
 def pool_node_names_ever(*, reservation_id) -> list[str]:
     """Every node that was ever part of this pool (for release: unlabel all of them)."""
     return sorted(set(

@@ -15,8 +15,10 @@ from marketplace.pools.models import Downtime
 from marketplace.reservations.models import Allocation, Reservation
 from marketplace.reservations.selectors import free_nodes
 from scheduler import reconcile
+from scheduler.driver import namespace_for
 from tests.factories import NodeFactory
 from tests.scheduler.helpers import book, kube_cluster, memory, plan_cluster, pool_nodes  # noqa: F401 - fixtures
+from tests.scheduler.memory_cluster import Pod
 
 S = Reservation.Status
 
@@ -91,6 +93,70 @@ def test_a_pool_node_ops_retire_with_force_is_swapped_out(memory, kube_cluster):
     assert reservation.allocations.get(node=nodes[0]).state == Allocation.State.REPLACED
     assert "retired" in Downtime.objects.get(reservation=reservation, node=nodes[0]).reason
     assert Node.objects.get(pk=nodes[0].pk).health == Node.Health.HEALTHY
+
+
+@pytest.mark.django_db
+def test_a_node_swapped_out_notready_loses_the_tenants_pods_before_its_taint(memory, kube_cluster):
+    # given an active pool with a tenant pod on a node, and a free spare
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    namespace = namespace_for(reservation.tenant.slug)
+    memory.pods.append(Pod(namespace=namespace, name="train-0", node=nodes[0].name))
+    # when that node goes NotReady and the reconcile swaps it out
+    memory.nodes[nodes[0].name].ready = False
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    # then the tenant's pod is gone from it (deleted: a NotReady kubelet cannot confirm an eviction)
+    # and only then did it lose the pool's label and taint
+    assert memory.pods == []
+    assert memory.labels(nodes[0].name) == {} and memory.taint_keys(nodes[0].name) == []
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+
+
+@pytest.mark.django_db
+def test_a_node_swapped_out_keeps_the_pools_taint_until_the_tenants_pods_are_off_it(memory, kube_cluster):
+    # given an active pool with a pod that ignores eviction on a node, and a free spare
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    namespace = namespace_for(reservation.tenant.slug)
+    memory.pods.append(Pod(namespace=namespace, name="train-0", node=nodes[0].name, stubborn=True))
+    # when ops retire that (Ready) node with force and the reconcile swaps it out
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[nodes[0].pk], status=Node.Status.RETIRED,
+                                   force=True)
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    # then the pod was asked to leave, and while it runs the node keeps the pool's label and taint
+    assert [pod.name for pod in memory.pods] == ["train-0"]
+    assert memory.labels(nodes[0].name).get("gpu.marketplace.io/pool") == reservation.pool_name
+    assert memory.taint_keys(nodes[0].name) == ["gpu.marketplace.io/tenant"]
+    assert "still on node(s) swapped out" in reservation.scheduler_attempts.latest("at").message
+    # when the drain grace period has passed, the next reconcile deletes the pod and unlabels the node
+    with time_machine.travel(timezone.now() + timedelta(minutes=6), tick=False):
+        reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    assert memory.pods == []
+    assert memory.labels(nodes[0].name) == {} and memory.taint_keys(nodes[0].name) == []
+
+
+@pytest.mark.django_db
+def test_the_release_drains_a_swapped_out_node_a_reconcile_had_not_drained(memory, kube_cluster):
+    # given a pool whose swapped-out node still runs a stubborn tenant pod, and another pool of the
+    # same tenant that runs on (so the tenant's namespace, and its pods, stay)
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    other_nodes, _ = pool_nodes(memory, kube_cluster, count=1, domain="ib-1")
+    other = book(tenant=reservation.tenant, nodes=other_nodes, starts_at=timezone.now() - timedelta(minutes=1),
+                 duration=timedelta(days=2))
+    assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+    memory.pods.append(Pod(namespace=namespace_for(reservation.tenant.slug), name="train-0", node=nodes[0].name,
+                           stubborn=True))
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[nodes[0].pk], status=Node.Status.RETIRED,
+                                   force=True)
+    reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers)
+    # when the window ends and the release runs past its grace period
+    with time_machine.travel(reservation.ends_at, tick=False) as clock:
+        reconcile.run_due_events(drivers=memory.drivers)
+        clock.shift(timedelta(minutes=6))
+        reconcile.run_due_events(drivers=memory.drivers)
+    # then the reservation completed with no pod, label or taint of its pool left on any node
+    reservation.refresh_from_db()
+    assert reservation.status == S.COMPLETED
+    assert memory.pods == [] and memory.pool_members() == {other_nodes[0].name: other.pool_name}
+    assert all(memory.taint_keys(node.name) == [] for node in [*nodes, spare])
 
 
 @pytest.mark.django_db
