@@ -4,6 +4,30 @@ from marketplace.core.exceptions import ServiceError
 from marketplace.inventory.models import Node
 from marketplace.tenants.models import Membership
 
+BIGGEST_ID = 2**63 - 1  # a bigint primary key; a larger number is no row, not a database error
+
+
+def _row_ids(values) -> list:
+    """The submitted ids, refused (as an unknown choice) unless each is a whole number a primary key can be."""
+    for value in values:
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit() and 0 < int(text) <= BIGGEST_ID):
+            raise forms.ValidationError("Select a valid choice. %(value)s is not one of the available choices.",
+                                        code="invalid_choice", params={"value": value})
+    return values
+
+
+class NodeChoiceField(forms.ModelChoiceField):
+    def to_python(self, value):
+        if value not in self.empty_values:
+            _row_ids([value])
+        return super().to_python(value)
+
+
+class NodesChoiceField(forms.ModelMultipleChoiceField):
+    def _check_values(self, value):
+        return super()._check_values(_row_ids(value))
+
 
 class TokenCreateForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="Where the token is used, e.g. “training-cluster CI”.")
@@ -20,7 +44,7 @@ class RoleForm(forms.Form):
 
 
 class MaintenanceWindowForm(forms.Form):
-    node = forms.ModelChoiceField(queryset=Node.objects.none())
+    node = NodeChoiceField(queryset=Node.objects.none())
     starts_at = forms.DateTimeField(help_text="UTC, e.g. 2027-01-31 08:00")
     ends_at = forms.DateTimeField(help_text="UTC")
     reason = forms.CharField(max_length=500, required=False)
@@ -33,7 +57,7 @@ class MaintenanceWindowForm(forms.Form):
 
 
 class NodeStatusForm(forms.Form):
-    nodes = forms.ModelMultipleChoiceField(queryset=Node.objects.all(), widget=forms.MultipleHiddenInput)
+    nodes = NodesChoiceField(queryset=Node.objects.all(), widget=forms.MultipleHiddenInput)
     status = forms.ChoiceField(choices=Node.Status.choices)
     reason = forms.CharField(max_length=500, required=False)
     force = forms.BooleanField(required=False, label="Even if booked")

@@ -215,6 +215,18 @@ class TestOpsPages:
                         {"nodes": [allocation.node_id], "status": "maintenance", "force": "on"})
         assert Node.objects.get(pk=allocation.node_id).status == "maintenance"
 
+    @pytest.mark.parametrize("node_id", ["99999999999999999999999", "-1", "1e3"])
+    def test_a_node_id_no_row_can_have_is_refused_not_a_database_error(self, ops_client, node_id):
+        node = NodeFactory()
+        response = ops_client.post("/ops/inventory/node-status/", {"nodes": [node.pk, node_id], "status": "retired"},
+                                   follow=True)
+        assert response.status_code == 200 and "Choose nodes and a status." in response.content.decode()
+        start = timezone.now() + timedelta(days=1)
+        response = ops_client.post("/ops/inventory/", {"node": node_id, "starts_at": start.strftime("%Y-%m-%d %H:%M"),
+                                                       "ends_at": (start + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M")})
+        assert response.status_code == 400
+        assert Node.objects.get(pk=node.pk).status == "available" and not MaintenanceWindow.objects.exists()
+
     def test_inventory_page_is_a_fixed_number_of_queries(self, ops_client, django_assert_max_num_queries):
         NodeFactory.create_batch(30)
         with django_assert_max_num_queries(16):
