@@ -68,7 +68,13 @@ class NodeAdmin(AuditedAdminMixin, admin.ModelAdmin):
     inlines = [MaintenanceWindowInline]
     # Status changes go through the service so that booked nodes are refused with the bookings named.
     readonly_fields = ["status", "health", "health_checked_at"]
+    # A node's identity: its name is the Kubernetes node's, its cluster and model are what its
+    # bookings were priced and provisioned on. Set when it is added, never edited (as in the API).
+    identity_fields = ["name", "cluster", "gpu_model"]
     actions = [_status_action(status, f"Set selected nodes to {label.lower()}") for status, label in Node.Status.choices]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*self.readonly_fields, *(self.identity_fields if obj is not None else [])]
 
 
 @admin.action(description="Cancel selected maintenance windows")

@@ -58,6 +58,26 @@ def test_admin_change_writes_an_audit_row(client):
 
 
 @pytest.mark.django_db
+def test_admin_cannot_rename_a_node_or_move_it_to_another_cluster(client):
+    # given ops editing a booked node in the admin, and another cluster
+    from tests.factories import AllocationFactory, ClusterFactory
+
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    node, other = AllocationFactory().node, ClusterFactory()
+    page = client.get(f"/admin/inventory/node/{node.pk}/change/")
+    assert not {"name", "cluster", "gpu_model"} & set(page.context["adminform"].form.fields)
+    # when a change that renames and moves it is posted anyway
+    data = {"name": "renamed", "cluster": other.pk, "gpu_count": node.gpu_count, "cpu_cores": node.cpu_cores,
+            "memory_gb": node.memory_gb, "topology_domain": "ib-7", "maintenance_windows-TOTAL_FORMS": "0",
+            "maintenance_windows-INITIAL_FORMS": "0"}
+    response = client.post(f"/admin/inventory/node/{node.pk}/change/", data)
+    # then the hardware fact is saved and the name and cluster are not
+    assert response.status_code == 302, response.content[:2000]
+    node.refresh_from_db()
+    assert node.name != "renamed" and node.cluster_id != other.pk and node.topology_domain == "ib-7"
+
+
+@pytest.mark.django_db
 def test_admin_status_action_refuses_booked_nodes(client):
     # given ops in the admin, a free node and a booked one
     from marketplace.inventory.models import Node
