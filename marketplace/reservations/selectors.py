@@ -274,13 +274,20 @@ def _no_offer_reason(*, gpu_model: GpuModel, nodes: int, region: Region | None, 
     best_cluster = max((sum(c.values()) for c in counts.values()), default=0)
     best_domain = max((n for c in counts.values() for n in c.values()), default=0)
     size = gpu_model.gpus_per_node
+    # A node idle in the window itself may still be taken by what starts within the gap after it.
+    window = f"in that window and the {_minutes(cleaning_gap())} cleaning gap after it"
     if same_domain and best_cluster >= nodes:
         return {"code": "insufficient_capacity",
                 "message": f"Only {best_domain} free {gpu_model.name} nodes ({best_domain * size} GPUs) share one "
-                           f"topology domain{where} in that window; you asked for {nodes} ({nodes * size} GPUs)."}
+                           f"topology domain{where} {window}; you asked for {nodes} ({nodes * size} GPUs)."}
     return {"code": "insufficient_capacity",
             "message": f"Only {best_cluster} free {gpu_model.name} nodes ({best_cluster * size} GPUs) in one "
-                       f"cluster{where} in that window; you asked for {nodes} ({nodes * size} GPUs)."}
+                       f"cluster{where} {window}; you asked for {nodes} ({nodes * size} GPUs)."}
+
+
+def _minutes(span: timedelta) -> str:
+    minutes = int(span.total_seconds() // 60)
+    return f"{minutes}-minute" if minutes < 120 or minutes % 60 else f"{minutes // 60}-hour"
 
 
 def availability_search(*, gpu_model: GpuModel, gpus: int, start: datetime, end: datetime,
@@ -426,7 +433,10 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
                       region: Region | None = None) -> dict[str, list[CapacityBucket]]:
     """Per GPU model: GPUs on bookable nodes free for each whole bucket [t, t + step) of [start, end).
 
-    Three queries (active clusters, their nodes, the nodes' busy periods in the range as epoch
+    Free as the search counts it: a booking of the bucket could take the node, so the cleaning gap
+    after the bucket must be free too, and only nodes in clusters where the model has a price count.
+
+    Three queries (priced clusters, their nodes, the nodes' busy periods in the range as epoch
     seconds). Each node's busy periods become merged runs of buckets; each run takes the node's GPUs
     off its model's free count from its first bucket to its last, by a difference array: the work
     grows with the periods, not with periods times buckets (a fortnight in hours over the full fleet
@@ -439,17 +449,21 @@ def capacity_timeline(*, start: datetime, end: datetime, step: timedelta, gpu_mo
         raise InvalidInput(f"That is {buckets} buckets; at most {settings.MARKETPLACE['CAPACITY_MAX_BUCKETS']} "
                            f"per request: use a larger step or a shorter range.", fields={"step": ["too small"]})
     models = [gpu_model] if gpu_model else list(GpuModel.objects.order_by("name"))
-    cluster_ids = active_cluster_ids(region)
-    nodes = {pk: (model_id, gpu_count) for pk, model_id, gpu_count in
-             _bookable_nodes_of(models=models, cluster_ids=cluster_ids).values_list("pk", "gpu_model_id", "gpu_count")}
-    origin, width = start.timestamp(), step.total_seconds()
+    priced = {model.pk: {cluster.cluster_id for cluster in priced_clusters(gpu_model=model, region=region)}
+              for model in models}
+    cluster_ids = sorted(set().union(*priced.values()))
+    nodes = {pk: (model_id, gpu_count) for pk, model_id, cluster_id, gpu_count in
+             _bookable_nodes_of(models=models, cluster_ids=cluster_ids)
+             .values_list("pk", "gpu_model_id", "cluster_id", "gpu_count") if cluster_id in priced[model_id]}
+    origin, width, gap = start.timestamp(), step.total_seconds(), cleaning_gap().total_seconds()
     runs: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for node_id, busy_from, busy_until in _busy_periods(model_ids=[model.pk for model in models],
-                                                        cluster_ids=cluster_ids, start=start, end=end):
+                                                        cluster_ids=cluster_ids, start=start, end=end + cleaning_gap()):
         if node_id in nodes:
-            # Buckets [first, last] overlap [busy_from, busy_until): the last is the one before the
-            # bucket that starts at or after busy_until.
-            first = max(0, int((busy_from - origin) // width))
+            # Buckets [first, last] whose booking, cleaning gap included, overlaps [busy_from,
+            # busy_until): the first is the one whose padded end passes busy_from; the last is the one
+            # before the bucket that starts at or after busy_until.
+            first = max(0, int((busy_from - gap - origin) // width))
             last = min(buckets - 1, -int(-(busy_until - origin) // width) - 1)
             runs[node_id].append((first, last))
     taken: dict[int, list[int]] = {model.pk: [0] * (buckets + 1) for model in models}

@@ -134,9 +134,10 @@ def test_capacity_buckets_count_free_gpus(fleet, tenant, member):
     MaintenanceWindow.objects.create(node=fleet.nodes["a0"], starts_at=at(0), ends_at=at(1))
     timeline = selectors.capacity_timeline(start=at(0), end=at(6), step=timedelta(hours=1), gpu_model=fleet.model)
     free = [b.free_gpus for b in timeline["H100-SXM-80GB"]]
-    # 5 usable nodes (a3 offline); a0 in maintenance 0-1h; 2 nodes held 2h-4h30 (incl. cleaning gap)
+    # 5 usable nodes (a3 offline); a0 in maintenance 0-1h; 2 nodes held 2h-4h30 (incl. cleaning gap),
+    # which a booking of 1h-2h (free until 2h30 with its own gap) cannot take either
     assert [b.total_gpus for b in timeline["H100-SXM-80GB"]] == [40] * 6
-    assert free == [32, 40, 24, 24, 24, 40]
+    assert free == [32, 24, 24, 24, 24, 40]
 
 
 def test_capacity_counts_a_node_once_however_its_busy_periods_overlap(fleet):
@@ -152,8 +153,41 @@ def test_capacity_counts_a_node_once_however_its_busy_periods_overlap(fleet):
     MaintenanceWindow.objects.create(node=fleet.nodes["a0"], starts_at=at(1.5), ends_at=at(2.5))
     # when the free GPUs are counted per hour
     timeline = selectors.capacity_timeline(start=at(0), end=at(6), step=timedelta(hours=1), gpu_model=fleet.model)
-    # then each node's 8 GPUs are taken once in every hour it is busy at all
-    assert [b.free_gpus for b in timeline["H100-SXM-80GB"]] == [48, 40, 40, 48, 40, 48]
+    # then each node's 8 GPUs are taken once in every hour a booking could not have it, that hour's
+    # cleaning gap (30 min) included: a0 from 0h (its gap reaches 1h) to 3h, b0 at 3h (its gap reaches
+    # 4h10) and 4h
+    assert [b.free_gpus for b in timeline["H100-SXM-80GB"]] == [40, 40, 40, 40, 40, 48]
+
+
+def test_the_calendar_agrees_with_the_search_about_the_cleaning_gap(fleet, tenant, member):
+    from marketplace.core.services import Actor
+
+    # given every node booked from 3h15
+    services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model=fleet.model.name, gpus=48,
+                                start=at(3.25), end=at(5))
+    # when the hour 2h-3h is looked at, in the calendar and by the search
+    [bucket] = selectors.capacity_timeline(start=at(2), end=at(3), step=timedelta(hours=1),
+                                           gpu_model=fleet.model)["H100-SXM-80GB"]
+    found = selectors.availability_search(gpu_model=fleet.model, gpus=8, start=at(2), end=at(3))
+    # then neither offers a node: a booking of that hour would end 15 minutes before the next one,
+    # inside its 30-minute cleaning gap
+    assert bucket.free_gpus == 0 and found.offers == []
+    assert "Only 0 free" in found.reason["message"] and "30-minute cleaning gap after it" in found.reason["message"]
+    # and a bucket whose gap ends at 3h15 is free in both
+    [earlier] = selectors.capacity_timeline(start=at(1.75), end=at(2.75), step=timedelta(hours=1),
+                                            gpu_model=fleet.model)["H100-SXM-80GB"]
+    assert earlier.free_gpus == 48
+    assert len(selectors.availability_search(gpu_model=fleet.model, gpus=48, start=at(1.75), end=at(2.75)).offers) == 1
+
+
+def test_the_calendar_counts_only_clusters_where_the_model_has_a_price(fleet):
+    # given an active cluster in a region with no price for the model
+    cluster = ClusterFactory(name="west-1", region=RegionFactory(code="eu-west"))
+    NodeFactory.create_batch(4, cluster=cluster, gpu_model=fleet.model, topology_domain="ib-w")
+    # when the calendar is counted, then its nodes are not in it: no booking could take them
+    [bucket] = selectors.capacity_timeline(start=at(2), end=at(3), step=timedelta(hours=1),
+                                           gpu_model=fleet.model)["H100-SXM-80GB"]
+    assert (bucket.total_gpus, bucket.free_gpus) == (48, 48)
 
 
 def test_the_calendar_is_shared_for_its_ttl_then_recounted(fleet, tenant, member, frozen,
@@ -176,7 +210,7 @@ def test_the_calendar_is_shared_for_its_ttl_then_recounted(fleet, tenant, member
     # and after the minute it is counted again
     frozen.shift(timedelta(seconds=2))
     again = calendar()
-    assert [b.free_gpus for b in again.models["H100-SXM-80GB"]] == [48, 32, 32, 48]
+    assert [b.free_gpus for b in again.models["H100-SXM-80GB"]] == [32, 32, 32, 48]
     assert again.as_of == at(0) + timedelta(seconds=61)
 
 
@@ -189,7 +223,7 @@ def test_a_calendar_ttl_of_zero_counts_every_time(fleet, tenant, member, setting
                                 start=at(1), end=at(2))
     after = selectors.capacity_calendar(start=at(0), end=at(4), step=timedelta(hours=1), gpu_model=fleet.model)
     assert [b.free_gpus for b in before.models["H100-SXM-80GB"]] == [48] * 4
-    assert [b.free_gpus for b in after.models["H100-SXM-80GB"]] == [48, 32, 32, 48]
+    assert [b.free_gpus for b in after.models["H100-SXM-80GB"]] == [32, 32, 32, 48]
 
 
 def test_an_unreachable_cache_costs_a_recount_not_the_calendar(fleet, settings, caplog):
