@@ -2,6 +2,7 @@
 
 import re
 from datetime import timedelta
+from datetime import timezone as dt_timezone
 
 from django.conf import settings
 from django.utils import dateparse, timezone
@@ -57,7 +58,7 @@ def parse_horizon(text: str, *, start):
     if moment is not None:
         if timezone.is_naive(moment):
             raise InvalidInput("horizon must carry a timezone (e.g. Z).", fields={"horizon": ["naive time"]})
-        return moment
+        return moment.astimezone(dt_timezone.utc)  # UTC, as every time the engine states
     return start + parse_span(text, name="horizon")
 
 

@@ -103,10 +103,10 @@ def check_gpus(*, gpus: int, gpus_per_node: int, model_name: str) -> int:
     if gpus <= 0:
         raise InvalidInput("Ask for at least one node's worth of GPUs.", fields={"gpus": ["must be positive"]})
     if gpus % gpus_per_node:
+        below, above = gpus - gpus % gpus_per_node, gpus - gpus % gpus_per_node + gpus_per_node
         raise InvalidInput(
             f"{model_name} is rented in whole nodes of {gpus_per_node} GPUs: ask for a multiple of "
-            f"{gpus_per_node} (e.g. {max(gpus_per_node, gpus - gpus % gpus_per_node)} or "
-            f"{gpus - gpus % gpus_per_node + gpus_per_node}).",
+            f"{gpus_per_node} (e.g. {f'{below} or {above}' if below else above}).",
             code="not_whole_nodes", fields={"gpus": [f"must be a multiple of {gpus_per_node}"]},
         )
     return gpus // gpus_per_node

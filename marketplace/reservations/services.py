@@ -644,9 +644,13 @@ def reservation_extend(*, actor: Actor, reservation: Reservation, end: datetime,
     with transaction.atomic():
         locked = _locked(reservation)
         now = timezone.now()
-        if locked.status not in EXTENDABLE or locked.ends_at <= now:
+        if locked.status not in EXTENDABLE:
             raise IllegalTransition(f"A {locked.status} reservation cannot be extended.",
                                     fields={"status": [f"is {locked.status}"]})
+        if locked.ends_at <= now:
+            raise IllegalTransition(f"The reservation's window ended at {locked.ends_at:%Y-%m-%d %H:%M} UTC: it "
+                                    "cannot be extended any more; book a new window instead.",
+                                    fields={"end": ["the window is over"]})
         if end <= locked.ends_at:
             raise InvalidInput("The new end must be later than the current end.", fields={"end": ["not later"]})
         policies.check_window(start=locked.starts_at, end=end, enforce=enforce_policies, now=now, extending=True)

@@ -162,6 +162,10 @@ def test_availability_earliest_and_bad_input(api, member, tenant):
     body = api.get("/api/v1/availability/", {"gpu_model": "H100-SXM-80GB", "gpus": 8, "end": "2026-12-01T10:00:00Z",
                                              "earliest": "true", "horizon": "2d"}).json()
     assert body["start"] == "2026-12-01T12:30:00Z" and body["offers"]
+    # a horizon given with an offset is stated back in UTC
+    none = api.get("/api/v1/availability/", {"gpu_model": "H100-SXM-80GB", "gpus": 8, "end": "2026-12-01T10:00:00Z",
+                                             "earliest": "true", "horizon": "2026-12-01T15:00:00+05:00"}).json()
+    assert none["offers"] == [] and "starting before 2026-12-01 10:00 UTC" in none["reason"]["message"]
     assert_error(api.get("/api/v1/availability/", {"gpu_model": "H100-SXM-80GB", "gpus": 8,
                                                    "end": "2026-12-01T10:00:00Z", "earliest": "true",
                                                    "horizon": "soon"}), 400, "invalid")

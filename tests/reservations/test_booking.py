@@ -58,8 +58,23 @@ def test_booking_writes_due_events_and_audit_rows(fleet, tenant, actor, settings
 def test_gpus_must_be_whole_nodes(fleet, tenant, actor):
     with pytest.raises(InvalidInput) as refused:
         book(tenant, actor, gpus=12)
-    assert "multiple of 8" in refused.value.message and refused.value.code == "not_whole_nodes"
+    assert "multiple of 8 (e.g. 8 or 16)" in refused.value.message and refused.value.code == "not_whole_nodes"
+    # less than one node: the one suggestion is one node
+    with pytest.raises(InvalidInput) as refused:
+        book(tenant, actor, gpus=4)
+    assert refused.value.message.endswith("multiple of 8 (e.g. 8).")
     assert not Reservation.objects.exists()
+
+
+def test_extending_a_window_that_is_over_says_so(fleet, tenant, actor, frozen):
+    # given a confirmed booking whose window has passed (its pool was never provisioned)
+    reservation = book(tenant, actor).reservation
+    frozen.move_to(at(6))
+    # when it is extended, then the refusal names the end that has passed, not its status
+    with pytest.raises(IllegalTransition) as refused:
+        services.reservation_extend(actor=actor, reservation=reservation, end=at(8))
+    assert "window ended at 2026-12-01 14:00 UTC" in refused.value.message
+    assert "confirmed reservation cannot" not in refused.value.message
 
 
 def test_spanning_domains_only_when_allowed(fleet, tenant, actor):
