@@ -18,7 +18,8 @@ class FleetCount:
 
 
 def fleet_gpu_counts(*, at: datetime | None = None) -> list[FleetCount]:
-    """GPUs by (model, region, cluster, state) at ``at``: allocated, idle, maintenance or offline.
+    """GPUs by (model, region, cluster, state) at ``at``: allocated, idle, maintenance (in status, or inside
+    a planned maintenance window) or offline.
 
     One grouped query; retired nodes are not part of the fleet.
     """
@@ -28,16 +29,21 @@ def fleet_gpu_counts(*, at: datetime | None = None) -> list[FleetCount]:
     allocated = Allocation.objects.filter(node=OuterRef("pk"), starts_at__lte=at, ends_at__gt=at).exclude(
         state=Allocation.State.CANCELLED
     )
+    # A node inside a planned maintenance window is not idle: nobody can book it then.
+    in_window = MaintenanceWindow.objects.filter(node=OuterRef("pk"), cancelled_at__isnull=True, starts_at__lte=at,
+                                                 ends_at__gt=at)
     rows = (
         Node.objects.exclude(status=Node.Status.RETIRED)
-        .annotate(is_allocated=Exists(allocated))
-        .values("gpu_model__name", "cluster__region__code", "cluster__name", "status", "is_allocated")
+        .annotate(is_allocated=Exists(allocated), in_maintenance_window=Exists(in_window))
+        .values("gpu_model__name", "cluster__region__code", "cluster__name", "status", "is_allocated",
+                "in_maintenance_window")
         .annotate(gpus=Sum("gpu_count"))
     )
     totals: dict[tuple[str, str, str, str], int] = {}
     for row in rows:
         if row["status"] == Node.Status.AVAILABLE:
-            state = "allocated" if row["is_allocated"] else "idle"
+            state = ("allocated" if row["is_allocated"] else
+                     Node.Status.MAINTENANCE.value if row["in_maintenance_window"] else "idle")
         else:
             state = row["status"]
         key = (row["gpu_model__name"], row["cluster__region__code"], row["cluster__name"], state)

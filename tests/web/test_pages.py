@@ -186,6 +186,17 @@ class TestOpsPages:
         assert model_row.by_state == {"allocated": 8, "idle": 8, "maintenance": 8}
         assert model_row.allocated_percent == 50
 
+    def test_fleet_page_counts_a_node_inside_a_maintenance_window_as_maintenance(self, ops_client):
+        # given two available nodes, one inside a maintenance window now and one with a window later
+        inside, later = NodeFactory(), NodeFactory()
+        MaintenanceWindow.objects.create(node=inside, starts_at=timezone.now() - timedelta(minutes=1),
+                                         ends_at=timezone.now() + timedelta(hours=2))
+        MaintenanceWindow.objects.create(node=later, starts_at=timezone.now() + timedelta(days=1),
+                                         ends_at=timezone.now() + timedelta(days=1, hours=2))
+        # when the fleet page counts them, then the first is in maintenance, not idle
+        groups = dict(ops_client.get("/ops/fleet/").context["groups"])
+        assert groups["GPU model"][0].by_state == {"idle": 8, "maintenance": 8}
+
     def test_inventory_plans_and_cancels_maintenance(self, ops_client):
         node = NodeFactory()
         start = timezone.now() + timedelta(days=1)
