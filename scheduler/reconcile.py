@@ -164,11 +164,15 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     if services.reservation_provision_begin(reservation_id=reservation_id, now=now) is None:
         return Step.ok(f"nothing to do: {reservation.status}")
     reservation = _load(reservation_id)
-    # A node taken out of service (or marked unhealthy) since the booking is replaced by a free one
-    # before the pool is built, as heal does in a running pool; without a free node it stays.
+    # A node taken out of service (or marked unhealthy) since the booking, or with maintenance
+    # planned (with force) inside its window, is replaced by a free one before the pool is built, as
+    # heal does in a running pool; without a free node it stays.
     allocations = selectors.pool_allocations(reservation_id=reservation_id)
+    in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations],
+                                                starts_at=reservation.starts_at, ends_at=reservation.ends_at)
     unusable = [a for a in allocations
-                if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY]
+                if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY
+                or a.node_id in in_maintenance]
     for allocation in unusable:
         services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk, now=timezone.now())
     if unusable:
@@ -428,6 +432,9 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
     try:
         driver = drivers(reservation.cluster)
         observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}
+        now = timezone.now()
+        in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations], starts_at=now,
+                                                    ends_at=now + timedelta(seconds=1))
         sick, observed_sick = [], set()
         for allocation in allocations:
             node = allocation.node
@@ -435,6 +442,11 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
                 # Taken out of service by ops with force (retired, offline, maintenance): swapped
                 # out like a sick node; its health is not what changed, so it is left as it is.
                 sick.append((allocation, f"node is {node.get_status_display().lower()} in the inventory"))
+                continue
+            if node.pk in in_maintenance:
+                # Inside a maintenance window ops planned with force: the same.
+                sick.append((allocation, f"node is in planned maintenance until "
+                                         f"{in_maintenance[node.pk]:%Y-%m-%d %H:%M} UTC"))
                 continue
             healthy, why = _node_healthy(driver, node, observed.get(node.name))
             if not healthy:

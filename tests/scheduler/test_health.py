@@ -160,6 +160,38 @@ def test_the_release_drains_a_swapped_out_node_a_reconcile_had_not_drained(memor
 
 
 @pytest.mark.django_db
+def test_a_pool_node_with_maintenance_planned_now_with_force_is_swapped_out(memory, kube_cluster):
+    # given an active pool and a free spare
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    # when ops plan maintenance of a pool node from now, with force, and the reconcile runs
+    inventory.maintenance_window_create(actor=Actor.task("ops"), node=nodes[0], starts_at=timezone.now(),
+                                        ends_at=timezone.now() + timedelta(hours=2), force=True)
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    # then the spare took its place, with a downtime that says why
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+    assert "planned maintenance" in Downtime.objects.get(reservation=reservation, node=nodes[0]).reason
+
+
+@pytest.mark.django_db
+def test_a_booked_node_with_maintenance_planned_in_the_window_is_replaced_when_the_pool_is_built(memory,
+                                                                                               kube_cluster):
+    # given a booking that has not started, and a free spare
+    nodes, (spare,) = pool_nodes(memory, kube_cluster, count=2, spare=1)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
+    # when ops plan maintenance of one of its nodes inside its window, with force, and the start falls due
+    inventory.maintenance_window_create(actor=Actor.task("ops"), node=nodes[0],
+                                        starts_at=reservation.starts_at + timedelta(hours=1),
+                                        ends_at=reservation.starts_at + timedelta(hours=2), force=True)
+    with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False):
+        assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+    # then the pool is built on the other node and the spare
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+    assert reservation.allocations.get(node=nodes[0]).state == Allocation.State.CANCELLED
+
+
+@pytest.mark.django_db
 def test_a_booked_node_ops_retire_before_the_start_is_replaced_when_the_pool_is_built(memory, kube_cluster):
     # given a booking that has not started, and a free spare
     nodes, (spare,) = pool_nodes(memory, kube_cluster, count=2, spare=1)
