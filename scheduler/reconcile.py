@@ -168,16 +168,18 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     # planned (with force) inside its window, is replaced by a free one before the pool is built, as
     # heal does in a running pool; without a free node it stays.
     allocations = selectors.pool_allocations(reservation_id=reservation_id)
-    in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations],
-                                                starts_at=reservation.starts_at, ends_at=reservation.ends_at)
-    unusable = [a for a in allocations
-                if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY
-                or a.node_id in in_maintenance]
+    unusable = _unusable_for(reservation, allocations)
     for allocation in unusable:
         services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk, now=timezone.now())
     if unusable:
         allocations = selectors.pool_allocations(reservation_id=reservation_id)
-    nodes = [allocation.node.name for allocation in allocations]
+        unusable = _unusable_for(reservation, allocations)
+        if len(unusable) == len(allocations):
+            return _give_up(reservation_id, "None of the booked nodes can be used (out of service, unhealthy or in "
+                                            "planned maintenance) and no free node could replace them.", drivers)
+    # A node still unusable (no free node replaced it) is left out of the pool: the pool starts
+    # degraded without it, and heal swaps a node in when one frees up.
+    nodes = [allocation.node.name for allocation in allocations if allocation not in unusable]
     spec = pool_spec(reservation, nodes)
     try:
         driver = drivers(reservation.cluster)  # inside: an unreadable kubeconfig is a failed attempt like any
@@ -195,6 +197,8 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
         if services.reservation_provision_record_ready(
             reservation_id=reservation_id, readiness=result.as_json(), passed_at=result.checked_at, now=timezone.now()
         ):
+            if unusable:
+                heal(reservation_id, drivers=drivers)  # degraded at once, with a downtime for each missing node
             return Step.ok("active")
         current = _load(reservation_id)
         if current is not None and current.status == S.PROVISIONING:
@@ -202,6 +206,16 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
         return Step.ok(f"no longer provisioning: {current.status if current else 'gone'}")
     return _provision_problem(reservation_id, "Readiness check failed: " + "; ".join(result.problems), drivers,
                               readiness=result.as_json())
+
+
+def _unusable_for(reservation: Reservation, allocations: list) -> list:
+    """The allocations whose node cannot serve the booking: taken out of service or marked unhealthy
+    since, or with maintenance planned (with force) inside its window."""
+    in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations],
+                                                starts_at=reservation.starts_at, ends_at=reservation.ends_at)
+    return [a for a in allocations
+            if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY
+            or a.node_id in in_maintenance]
 
 
 def _provision_problem(reservation_id, message: str, drivers: Drivers, readiness: dict | None = None) -> Step:

@@ -192,6 +192,40 @@ def test_a_booked_node_with_maintenance_planned_in_the_window_is_replaced_when_t
 
 
 @pytest.mark.django_db
+def test_a_booked_node_out_of_service_with_no_free_node_is_left_out_and_the_pool_starts_degraded(memory,
+                                                                                                kube_cluster):
+    # given a booking of two nodes that has not started, and no free node
+    nodes, _ = pool_nodes(memory, kube_cluster, count=2)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
+    # when ops retire one of them with force, and the start falls due
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[nodes[0].pk], status=Node.Status.RETIRED,
+                                   force=True)
+    with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False):
+        assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+    # then the pool runs on the other node only, degraded, with the retired node's downtime open (not billed)
+    reservation.refresh_from_db()
+    assert reservation.status == S.DEGRADED and "retired" in reservation.status_reason
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name}
+    downtime = Downtime.objects.get(reservation=reservation, node=nodes[0])
+    assert downtime.ended_at is None
+
+
+@pytest.mark.django_db
+def test_a_booking_whose_every_node_is_out_of_service_with_no_free_node_fails(memory, kube_cluster):
+    # given a booking of two nodes, both retired with force before the start, and no free node
+    nodes, _ = pool_nodes(memory, kube_cluster, count=2)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[n.pk for n in nodes], status=Node.Status.RETIRED,
+                                   force=True)
+    # when the start falls due, then it fails (nothing delivered, nothing billed) and nothing is labelled
+    with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False):
+        reconcile.run_due_events(drivers=memory.drivers)
+    reservation.refresh_from_db()
+    assert reservation.status == S.FAILED and "None of the booked nodes can be used" in reservation.status_reason
+    assert memory.pool_members() == {}
+
+
+@pytest.mark.django_db
 def test_a_booked_node_ops_retire_before_the_start_is_replaced_when_the_pool_is_built(memory, kube_cluster):
     # given a booking that has not started, and a free spare
     nodes, (spare,) = pool_nodes(memory, kube_cluster, count=2, spare=1)
