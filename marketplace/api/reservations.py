@@ -25,7 +25,7 @@ from marketplace.reservations.status import ReservationStatus
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400}
 
 
-SHORT_SPAN = re.compile(r"([0-9]{1,12})([mhd])")
+SHORT_SPAN = re.compile(r"([0-9]+)([mhd])")
 
 
 def parse_span(value: str, *, name: str) -> timedelta:
@@ -34,6 +34,8 @@ def parse_span(value: str, *, name: str) -> timedelta:
     too_long = InvalidInput(f"{name} is at most {policies.FARTHEST.days}d.", fields={name: ["too long"]})
     try:
         if short := SHORT_SPAN.fullmatch(value):
+            if len(short[1].lstrip("0")) > 12:
+                raise too_long  # before timedelta(), which would take a very long number's seconds
             span = timedelta(seconds=int(short[1]) * SPAN_UNITS[short[2]])
         else:
             span = dateparse.parse_duration(value)
@@ -228,6 +230,8 @@ class CapacityView(APIView):
         query = _valid(CapacityQuery, request.query_params)
         if query["end"] <= query["start"]:
             raise InvalidInput("end must be after start.", fields={"end": ["must be after start"]})
+        if query["step"] % timedelta(seconds=1):
+            raise InvalidInput("step is a whole number of seconds.", fields={"step": ["fraction of a second"]})
         now = timezone.now()
         if not now - policies.FARTHEST <= query["start"] < query["end"] <= now + policies.FARTHEST:
             raise InvalidInput(f"The calendar reaches at most {policies.FARTHEST.days} days either side of now.",

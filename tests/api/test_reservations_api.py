@@ -235,6 +235,23 @@ def test_a_huge_or_odd_span_is_a_400_not_a_500(api, span):
     assert set(error["fields"]) == {"horizon"}
 
 
+@pytest.mark.parametrize("span", ["999999999999999d", "0000000000000000001d"])
+def test_a_span_of_many_digits_is_refused_as_too_long_or_read_as_its_value(api, span):
+    window = {"start": "2026-12-01T08:00:00Z", "end": "2026-12-02T08:00:00Z"}
+    response = api.get("/api/v1/capacity/", window | {"step": span})
+    if span.startswith("0"):
+        assert response.status_code == 200 and response.json()["step_seconds"] == 86400
+    else:
+        assert "at most 3650d" in assert_error(response, 400, "invalid")["message"]
+
+
+def test_a_step_with_a_fraction_of_a_second_is_refused(api):
+    window = {"start": "2026-12-01T08:00:00Z", "end": "2026-12-01T09:00:00Z"}
+    error = assert_error(api.get("/api/v1/capacity/", window | {"step": "PT90.5S"}), 400, "invalid")
+    assert set(error["fields"]) == {"step"}
+    assert api.get("/api/v1/capacity/", window | {"step": "PT90S"}).json()["step_seconds"] == 90
+
+
 def test_far_future_times_are_a_400_for_ops_too(api_client_for, staff_user, tenant):
     # Given ops (who may book outside the tenant policies) with a token of the tenant
     MembershipFactory(tenant=tenant, user=staff_user, role="member")
