@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.api.scoping import TenantScopedViewSet
-from marketplace.api.strict import EmptyBodySerializer, StrictInputMixin
+from marketplace.api.strict import AwareDateTimeField, EmptyBodySerializer, StrictInputMixin
 from marketplace.core.exceptions import InvalidInput
 from marketplace.core.services import Actor
 from marketplace.reservations import policies, selectors, services
@@ -83,8 +83,8 @@ class SpanField(serializers.CharField):
 class WindowQuery(serializers.Serializer):
     gpu_model = serializers.CharField(max_length=60)
     gpus = serializers.IntegerField(min_value=1, max_value=1_000_000)
-    start = serializers.DateTimeField(required=False, default=None)
-    end = serializers.DateTimeField()
+    start = AwareDateTimeField(required=False, default=None)
+    end = AwareDateTimeField()
     region = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     same_domain = serializers.BooleanField(required=False, default=False)
 
@@ -101,8 +101,8 @@ class AvailabilityQuery(WindowQuery):
 class CapacityQuery(serializers.Serializer):
     gpu_model = serializers.CharField(max_length=60, required=False, allow_blank=True, default="")
     region = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
-    start = serializers.DateTimeField()
-    end = serializers.DateTimeField()
+    start = AwareDateTimeField()
+    end = AwareDateTimeField()
     step = SpanField(required=False, default=timedelta(hours=1))
 
 
@@ -164,13 +164,13 @@ class ReservationSerializer(serializers.Serializer):
 
 
 class ExtendBody(StrictInputMixin, serializers.Serializer):
-    end = serializers.DateTimeField()
+    end = AwareDateTimeField()
 
 
 class ListQuery(serializers.Serializer):
     status = serializers.CharField(required=False, allow_blank=True, default="")
-    start = serializers.DateTimeField(required=False, default=None)
-    end = serializers.DateTimeField(required=False, default=None)
+    start = AwareDateTimeField(required=False, default=None)
+    end = AwareDateTimeField(required=False, default=None)
 
     def validate_status(self, value):
         wanted = [part for part in value.split(",") if part]

@@ -3,6 +3,7 @@ serializers refuse fields they do not know (a typo is an error, not a silent no-
 
 from collections.abc import Mapping
 
+from django.utils import dateparse, timezone
 from rest_framework import serializers
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
@@ -15,6 +16,22 @@ class StrictInputMixin:
             if unknown:
                 raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         return super().to_internal_value(data)
+
+
+class AwareDateTimeField(serializers.DateTimeField):
+    """A time that says which instant it is: a time without a UTC offset is refused, not read as
+    UTC (a caller's local 14:00 read as 14:00 UTC books the wrong window)."""
+
+    def to_internal_value(self, value):
+        if isinstance(value, str):
+            try:
+                parsed = dateparse.parse_datetime(value.strip())
+            except ValueError:
+                parsed = None
+            if parsed is not None and timezone.is_naive(parsed):
+                raise serializers.ValidationError("Times must carry a timezone (e.g. 2026-12-01T09:00:00Z).",
+                                                  code="naive")
+        return super().to_internal_value(value)
 
 
 class EmptyBodySerializer(StrictInputMixin, serializers.Serializer):

@@ -265,3 +265,25 @@ def test_far_future_times_are_a_400_for_ops_too(api_client_for, staff_user, tena
     assert_error(ops.post(f"/api/v1/reservations/{rid}/extend/", {"end": far}, format="json"), 400, "invalid")
     assert_error(ops.get("/api/v1/capacity/", {"start": "9999-12-31T00:00:00Z", "end": far}), 400, "invalid")
     assert Reservation.objects.get().ends_at == at(6)
+
+
+def test_a_time_without_a_utc_offset_is_refused_not_read_as_utc(api, frozen):
+    # given times a caller wrote in its own local time, with no offset
+    naive = {"start": "2026-12-01T10:00:00", "end": "2026-12-01T14:00:00"}
+    # when they book, search, page or read the calendar with them, then each is a 400 naming the field
+    for response, field in (
+        (api.post("/api/v1/reservations/", {"gpu_model": "H100-SXM-80GB", "gpus": 8, **naive}, format="json"), "start"),
+        (api.get("/api/v1/availability/", {"gpu_model": "H100-SXM-80GB", "gpus": 8, **naive}), "start"),
+        (api.get("/api/v1/capacity/", naive), "start"),
+        (api.get("/api/v1/reservations/", {"start": naive["start"]}), "start"),
+    ):
+        error = assert_error(response, 400, "invalid")
+        assert field in error["fields"] and "must carry a timezone" in str(error["fields"][field])
+    assert not Reservation.objects.exists()
+    # and an extension's end the same
+    booked = api.post("/api/v1/reservations/", {"gpu_model": "H100-SXM-80GB", "gpus": 8,
+                                                "start": "2026-12-01T10:00:00Z", "end": "2026-12-01T14:00:00Z"},
+                      format="json").json()
+    error = assert_error(api.post(f"/api/v1/reservations/{booked['id']}/extend/", {"end": "2026-12-01T16:00:00"},
+                                  format="json"), 400, "invalid")
+    assert "must carry a timezone" in str(error["fields"]["end"])
