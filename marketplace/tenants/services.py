@@ -5,7 +5,8 @@ from datetime import datetime
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from marketplace.core.exceptions import Conflict, InvalidInput, NotFound, PermissionDenied
@@ -86,12 +87,19 @@ def membership_create(*, actor: Actor, by: AbstractBaseUser, tenant: Tenant, use
     user = get_user_model().objects.filter(username=username, is_active=True).first()
     if user is None:
         raise InvalidInput(f"No active user named {username!r}.", fields={"username": ["no such user"]})
-    with transaction.atomic():
-        membership = Membership(user=user, tenant=tenant, role=role)
+    membership = Membership(user=user, tenant=tenant, role=role)
+    try:
         membership.full_clean()  # the unique constraint's own message if they are already a member
-        membership.save()
-        audit_record(actor=actor, action="membership.create", obj=membership, tenant=tenant,
-                     after=snapshot(membership, ["user", "tenant", "role"]))
+    except ValidationError as exc:
+        raise InvalidInput(" ".join(exc.messages), fields={"username": exc.messages}) from exc
+    try:
+        with transaction.atomic():
+            membership.save()
+            audit_record(actor=actor, action="membership.create", obj=membership, tenant=tenant,
+                         after=snapshot(membership, ["user", "tenant", "role"]))
+    except IntegrityError as exc:  # added by someone else since the check above
+        raise InvalidInput("This user is already a member of this tenant.",
+                           fields={"username": ["already a member"]}) from exc
     return membership
 
 

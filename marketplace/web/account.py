@@ -40,6 +40,10 @@ def tokens(request, tenant):
 @tenant_required
 @require_POST
 def token_revoke(request, tenant, token_id: int):
+    membership = membership_for(user=request.user, tenant=tenant)
+    if not (request.user.is_staff or (membership is not None and membership.can_write)):
+        # Same rule as the API (HasTenant): viewers change nothing.
+        raise PermissionDenied("Viewers cannot revoke API tokens; ask an owner of your tenant.")
     try:
         token = services.api_token_revoke(actor=Actor.for_user(request.user), token_id=token_id, tenant=tenant,
                                           user=request.user)

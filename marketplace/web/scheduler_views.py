@@ -1,7 +1,6 @@
 """Scheduler pages: a tenant's pool detail, and the ops scheduler-health page with retry."""
 
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
@@ -14,6 +13,7 @@ from marketplace.pools import selectors, services
 from marketplace.pools.selectors import PLAN_ONLY_LABEL, usage_instructions
 from marketplace.reservations.models import Reservation
 from marketplace.tenants.selectors import request_tenant
+from marketplace.web.views import staff_required
 
 
 @login_required
@@ -29,13 +29,13 @@ def pool_detail(request, reservation_id):
     })
 
 
-@staff_member_required(login_url="web:login")
+@staff_required
 def scheduler_health(request):
     health = selectors.scheduler_health(now=timezone.now())
     return render(request, "web/scheduler/health.html", {"health": health})
 
 
-@staff_member_required(login_url="web:login")
+@staff_required
 @require_POST
 def scheduler_retry(request, reservation_id):
     try:

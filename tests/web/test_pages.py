@@ -13,7 +13,7 @@ from marketplace.tenants import services
 from marketplace.tenants.models import ApiToken, Membership
 from tests.factories import AllocationFactory, MembershipFactory, NodeFactory, TenantFactory, UserFactory
 
-OPS_PAGES = ["/ops/fleet/", "/ops/inventory/", "/ops/audit/"]
+OPS_PAGES = ["/ops/fleet/", "/ops/inventory/", "/ops/audit/", "/ops/scheduler/"]
 
 
 @pytest.fixture
@@ -95,6 +95,11 @@ class TestTenantSwitcher:
         assert response.status_code == 302
         assert response["Location"] == lands_on
 
+    @pytest.mark.parametrize("tenant_id", ["99999999999999999999999", "-1", "٣", ""])
+    def test_switching_to_an_id_no_tenant_can_have_says_so(self, member_client, tenant_id):
+        response = member_client.post("/tenant/switch/", {"tenant": tenant_id}, follow=True)
+        assert response.status_code == 200 and "You are not a member of that tenant." in response.content.decode()
+
     def test_cannot_switch_to_a_tenant_one_is_not_in(self, member_client, tenant):
         stranger_tenant = TenantFactory()
         response = member_client.post("/tenant/switch/", {"tenant": stranger_tenant.pk}, follow=True)
@@ -132,6 +137,17 @@ class TestTokenPages:
         theirs.token.refresh_from_db()
         assert theirs.token.revoked_at is None
 
+    def test_a_viewer_cannot_revoke_a_token_here_as_in_the_api(self, client, tenant):
+        # given a viewer with a token of their own (issued when they could still write, say)
+        viewer = MembershipFactory(tenant=tenant, role="viewer").user
+        mine = services.api_token_issue(actor=Actor.for_user(viewer), user=viewer, tenant=tenant, name="ci").token
+        client.force_login(viewer)
+        # then the page offers no Revoke button, and a revoke posted anyway is refused
+        assert "Revoke" not in client.get("/account/tokens/").content.decode()
+        assert client.post(f"/account/tokens/{mine.pk}/revoke/").status_code == 403
+        mine.refresh_from_db()
+        assert mine.revoked_at is None
+
     def test_viewer_sees_no_create_form(self, client, tenant):
         viewer = MembershipFactory(tenant=tenant, role="viewer").user
         client.force_login(viewer)
@@ -151,6 +167,16 @@ class TestMemberPages:
         client.post(f"/account/members/{membership.pk}/role/", {"role": "member"})
         membership.refresh_from_db()
         assert membership.role == "member"
+
+    def test_adding_a_member_twice_is_400_with_the_reason_and_the_input_kept(self, client, tenant):
+        owner = MembershipFactory(tenant=tenant, role="owner").user
+        existing = MembershipFactory(tenant=tenant, role="member").user
+        client.force_login(owner)
+        response = client.post("/account/members/", {"username": existing.username, "role": "viewer"})
+        page = response.content.decode()
+        assert response.status_code == 400 and "already a member of this tenant" in page
+        assert f'value="{existing.username}"' in page
+        assert Membership.objects.get(user=existing, tenant=tenant).role == "member"
 
     def test_member_cannot_add(self, member_client, tenant):
         newcomer = UserFactory()
