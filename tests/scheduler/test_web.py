@@ -33,7 +33,7 @@ def test_ops_scheduler_page_lists_failures_and_retries_them(client, member, staf
     reservation = book(cluster=plan_cluster, starts_at=timezone.now() + timedelta(hours=1))
     services.reservation_fail(reservation_id=reservation.pk, reason="403 Forbidden", now=timezone.now())
     client.force_login(member)
-    assert client.get("/ops/scheduler/").status_code == 302  # not staff: to the login page
+    assert client.get("/ops/scheduler/").status_code == 403  # signed in, not staff: as every ops page
     client.force_login(staff_user)
     page = client.get("/ops/scheduler/").content.decode()
     assert str(reservation.pk) in page and "403 Forbidden" in page and "Needs attention" in page
