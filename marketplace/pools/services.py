@@ -16,6 +16,7 @@ from marketplace.pools.models import (
     Downtime, PlannedOperation, Pool, PoolNotice, SchedulerAttempt, TenantClusterLease,
 )
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
+from marketplace.reservations.selectors import cleaning_gap
 from marketplace.reservations.services import reservation_event_due_times, reservation_transition
 from marketplace.reservations.status import ReservationStatus as S
 
@@ -473,7 +474,9 @@ def allocation_swap(*, reservation_id, allocation_id, now: datetime) -> Allocati
                 else:
                     current.state = Allocation.State.REPLACED
                     current.ends_at = now
-                    current.blocked_until = now
+                    # The node leaves the pool as at any end: blocked for the cleaning gap, while
+                    # heal drains the tenant's pods off it, so no booking or swap takes it meanwhile.
+                    current.blocked_until = min(now + cleaning_gap(), current.blocked_until)
                 current.save(update_fields=["state", "ends_at", "blocked_until"])
                 new = Allocation.objects.create(
                     reservation_id=reservation_id, node=node, starts_at=start, ends_at=old.ends_at,

@@ -112,6 +112,22 @@ def test_a_node_swapped_out_notready_loses_the_tenants_pods_before_its_taint(mem
 
 
 @pytest.mark.django_db
+def test_a_node_swapped_out_is_blocked_for_the_cleaning_gap_while_it_is_drained(memory, kube_cluster):
+    # given a pool node swapped out for a spare, which is Ready and healthy again at once
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    memory.nodes[nodes[0].name].ready = False
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    memory.nodes[nodes[0].name].ready = True
+    assert reconcile.recheck_unhealthy_nodes(drivers=memory.drivers) == 1
+    # then no booking (and no other pool's swap) can take it until the cleaning gap has passed
+    node, now = Node.objects.get(pk=nodes[0].pk), timezone.now()
+    assert node not in free_nodes(gpu_model=node.gpu_model, start=now, end=now + timedelta(hours=1))
+    later = now + timedelta(minutes=30)
+    assert node in free_nodes(gpu_model=node.gpu_model, start=later, end=later + timedelta(hours=1))
+    assert reservation.allocations.get(node=nodes[0]).ends_at <= now
+
+
+@pytest.mark.django_db
 def test_a_node_swapped_out_keeps_the_pools_taint_until_the_tenants_pods_are_off_it(memory, kube_cluster):
     # given an active pool with a pod that ignores eviction on a node, and a free spare
     reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
