@@ -168,12 +168,14 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
     # planned (with force) inside its window, is replaced by a free one before the pool is built, as
     # heal does in a running pool; without a free node it stays.
     allocations = selectors.pool_allocations(reservation_id=reservation_id)
-    unusable = _unusable_for(reservation, allocations)
+    unusable = _unusable_for(reservation, allocations, during=(reservation.starts_at, reservation.ends_at))
     for allocation in unusable:
         services.allocation_swap(reservation_id=reservation_id, allocation_id=allocation.pk, now=timezone.now())
     if unusable:
+        # Left out are only the nodes that cannot serve from the start (heal's own test): one whose
+        # maintenance comes later in the window serves until then, and heal swaps it out at that time.
         allocations = selectors.pool_allocations(reservation_id=reservation_id)
-        unusable = _unusable_for(reservation, allocations)
+        unusable = _unusable_for(reservation, allocations, during=_instant(reservation))
         if len(unusable) == len(allocations):
             return _give_up(reservation_id, "None of the booked nodes can be used (out of service, unhealthy or in "
                                             "planned maintenance) and no free node could replace them.", drivers)
@@ -208,11 +210,17 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
                               readiness=result.as_json())
 
 
-def _unusable_for(reservation: Reservation, allocations: list) -> list:
-    """The allocations whose node cannot serve the booking: taken out of service or marked unhealthy
-    since, or with maintenance planned (with force) inside its window."""
+def _instant(reservation: Reservation) -> tuple[datetime, datetime]:
+    """The moment a pool's nodes are judged at: now, or the start of a window that has not begun."""
+    at = max(timezone.now(), reservation.starts_at)
+    return at, at + timedelta(seconds=1)
+
+
+def _unusable_for(reservation: Reservation, allocations: list, *, during: tuple[datetime, datetime]) -> list:
+    """The allocations whose node cannot serve the booking ``during`` that period: taken out of
+    service or marked unhealthy since the booking, or with maintenance planned (with force) in it."""
     in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations],
-                                                starts_at=reservation.starts_at, ends_at=reservation.ends_at)
+                                                starts_at=during[0], ends_at=during[1])
     return [a for a in allocations
             if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY
             or a.node_id in in_maintenance]
@@ -446,9 +454,9 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
     try:
         driver = drivers(reservation.cluster)
         observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}
-        now = timezone.now()
-        in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations], starts_at=now,
-                                                    ends_at=now + timedelta(seconds=1))
+        at, after = _instant(reservation)
+        in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations], starts_at=at,
+                                                    ends_at=after)
         sick, observed_sick = [], set()
         for allocation in allocations:
             node = allocation.node

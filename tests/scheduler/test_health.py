@@ -208,6 +208,36 @@ def test_a_booked_node_with_maintenance_planned_in_the_window_is_replaced_when_t
 
 
 @pytest.mark.django_db
+def test_a_booked_node_with_maintenance_later_in_the_window_and_no_free_node_serves_until_then(memory,
+                                                                                               kube_cluster):
+    # given a booking of two nodes with no free node, and maintenance planned with force on one of
+    # them from an hour into the window for an hour
+    nodes, _ = pool_nodes(memory, kube_cluster, count=2)
+    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
+    maintenance_start = reservation.starts_at + timedelta(hours=1)
+    inventory.maintenance_window_create(actor=Actor.task("ops"), node=nodes[0], starts_at=maintenance_start,
+                                        ends_at=maintenance_start + timedelta(hours=1), force=True)
+    # when the start falls due, then the pool is built on both nodes: the first serves until then
+    with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False) as clock:
+        assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
+        reservation.refresh_from_db()
+        assert reservation.status == S.ACTIVE and not Downtime.objects.exists()
+        assert set(memory.pool_members()) == {nodes[0].name, nodes[1].name}
+        assert set(reservation.readiness["nodes"]) == {nodes[0].name, nodes[1].name}  # both were checked
+        # and a reconcile before the maintenance changes nothing
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "in sync"
+        # when the maintenance begins, the reconcile degrades the pool with a downtime for that node
+        clock.move_to(maintenance_start + timedelta(minutes=1))
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "degraded"
+        assert Downtime.objects.get(reservation=reservation, node=nodes[0]).ended_at is None
+        # and once it is over, the pool is whole and active again
+        clock.move_to(maintenance_start + timedelta(hours=1, minutes=1))
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    reservation.refresh_from_db()
+    assert reservation.status == S.ACTIVE
+
+
+@pytest.mark.django_db
 def test_a_booked_node_out_of_service_with_no_free_node_is_left_out_and_the_pool_starts_degraded(memory,
                                                                                                 kube_cluster):
     # given a booking of two nodes that has not started, and no free node
