@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff
 from marketplace.api.scoping import TenantScopedViewSet
-from marketplace.api.strict import EmptyBodySerializer, ParseBodyFirstMixin, StrictInputMixin
+from marketplace.api.strict import AwareDateTimeField, EmptyBodySerializer, ParseBodyFirstMixin, StrictInputMixin
 from marketplace.core.models import AuditLog
 from marketplace.core.services import Actor
 from marketplace.tenants import services
@@ -25,7 +25,7 @@ class ApiTokenSerializer(serializers.ModelSerializer):
 
 class ApiTokenCreateSerializer(StrictInputMixin, serializers.Serializer):
     name = serializers.CharField(max_length=100)
-    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    expires_at = AwareDateTimeField(required=False, allow_null=True)
 
 
 class AuditLogSerializer(serializers.ModelSerializer):

@@ -7,13 +7,14 @@ which validates, writes the audit row, and changes all or nothing.
 
 from decimal import Decimal
 
+from django.db import models
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from marketplace.api.permissions import IsStaff, IsStaffOrReadOnly
-from marketplace.api.strict import ParseBodyFirstMixin, StrictInputMixin
+from marketplace.api.strict import AwareDateTimeField, ParseBodyFirstMixin, StrictInputMixin
 from marketplace.core.services import Actor
 from marketplace.inventory import selectors, services
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
@@ -107,6 +108,8 @@ class NodeBulkStatusSerializer(StrictInputMixin, serializers.Serializer):
 
 
 class MaintenanceWindowSerializer(StrictInputMixin, serializers.ModelSerializer):
+    serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping,
+                                models.DateTimeField: AwareDateTimeField}
     node = serializers.PrimaryKeyRelatedField(queryset=Node.objects.all())
     node_name = serializers.CharField(source="node.name", read_only=True)
     cluster = serializers.CharField(source="node.cluster.name", read_only=True)

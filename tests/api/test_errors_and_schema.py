@@ -26,6 +26,11 @@ class TestErrorShape:
         # Not the HTML page of a CSRF refusal: the catch-all writes nothing, and a token client has no cookie.
         assert_error(api.post(path, {}, format="json"), 404, "not_found")
 
+    def test_a_token_expiry_without_a_utc_offset_is_400(self, api):
+        error = assert_error(api.post("/api/v1/tokens/", {"name": "ci", "expires_at": "2030-01-02T10:00:00"},
+                                      format="json"), 400, "invalid")
+        assert "must carry a timezone" in str(error["fields"]["expires_at"])
+
     def test_unknown_object_is_json_404(self, api):
         assert_error(api.get("/api/v1/tokens/999999/"), 404, "not_found")
 

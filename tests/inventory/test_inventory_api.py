@@ -264,6 +264,13 @@ class TestMaintenanceWindows:
         assert_error(ops.post("/api/v1/maintenance-windows/", body, format="json"), 400)
         assert not MaintenanceWindow.objects.exists()
 
+    def test_a_window_without_a_utc_offset_is_400(self, ops):
+        node = NodeFactory()
+        error = assert_error(ops.post("/api/v1/maintenance-windows/", {
+            "node": node.pk, "starts_at": "2030-01-02T10:00:00", "ends_at": "2030-01-02T12:00:00"}, format="json"), 400)
+        assert "must carry a timezone" in str(error["fields"]["starts_at"])
+        assert not MaintenanceWindow.objects.exists()
+
     def test_cancel_unknown_window_is_404(self, ops):
         assert_error(ops.post("/api/v1/maintenance-windows/424242/cancel/"), 404)
 
