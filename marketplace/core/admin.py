@@ -18,13 +18,13 @@ class NoDeleteAdminMixin:
         return actions
 
 
-def _editable_fields(obj) -> list[str]:
-    return [f.name for f in obj._meta.concrete_fields if f.editable and not f.primary_key]
+def _editable_fields(obj, exclude=()) -> list[str]:
+    return [f.name for f in obj._meta.concrete_fields if f.editable and not f.primary_key and f.name not in exclude]
 
 
-def _audited_save(request, obj, save) -> None:
+def _audited_save(request, obj, save, exclude=()) -> None:
     """Saves ``obj`` and writes the audit row: edits in the admin are state changes by a person too."""
-    fields = _editable_fields(obj)
+    fields = _editable_fields(obj, exclude)
     with transaction.atomic():
         before = None
         if obj.pk is not None:
@@ -44,8 +44,11 @@ def _audited_save(request, obj, save) -> None:
 class AuditedAdminMixin(NoDeleteAdminMixin):
     """Admin edits (including inline rows) go to the audit log with before/after; nothing is deleted."""
 
+    audit_exclude: tuple[str, ...] = ()  # fields never written to the audit log (secrets)
+
     def save_model(self, request, obj, form, change):
-        _audited_save(request, obj, lambda: super(AuditedAdminMixin, self).save_model(request, obj, form, change))
+        _audited_save(request, obj, lambda: super(AuditedAdminMixin, self).save_model(request, obj, form, change),
+                      self.audit_exclude)
 
     def save_formset(self, request, form, formset, change):
         for obj in formset.save(commit=False):

@@ -1,4 +1,6 @@
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 
 from marketplace.core.admin import AuditedAdminMixin
 from marketplace.tenants.models import ApiToken, Membership, Tenant
@@ -28,3 +30,13 @@ class ApiTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+# Users are referenced by reservations, memberships and the audit log: deactivate one (is_active),
+# never delete it, and audit the change (without the password hash).
+admin.site.unregister(get_user_model())
+
+
+@admin.register(get_user_model())
+class MarketplaceUserAdmin(AuditedAdminMixin, UserAdmin):
+    audit_exclude = ("password", "last_login")

@@ -58,6 +58,32 @@ def test_admin_change_writes_an_audit_row(client):
 
 
 @pytest.mark.django_db
+def test_admin_cannot_delete_a_user_and_audits_changes_without_the_password(client):
+    # given ops in the admin, and a user who is a member of a tenant
+    from marketplace.tenants.models import Membership
+    from tests.factories import MembershipFactory
+
+    ops = UserFactory(is_staff=True, is_superuser=True)
+    member = MembershipFactory().user
+    client.force_login(ops)
+    # then there is no delete, on the page or in bulk, and the membership stays
+    assert client.get(f"/admin/auth/user/{member.pk}/delete/").status_code == 403
+    client.post(f"/admin/auth/user/{member.pk}/delete/", {"post": "yes"})
+    client.post("/admin/auth/user/", {"action": "delete_selected", "_selected_action": [member.pk], "post": "yes"})
+    assert Membership.objects.filter(user=member).exists()
+    # when they deactivate the user (and set a password) there, the change is audited, with no
+    # password hash in the row
+    request = RequestFactory().post("/admin/")
+    request.user = ops
+    member.is_active = False
+    member.set_password("a new secret 123")
+    admin.site._registry[type(member)].save_model(request, member, form=None, change=True)
+    row = AuditLog.objects.get(action="user.admin_update", object_id=str(member.pk))
+    assert row.before["is_active"] is True and row.after["is_active"] is False
+    assert "password" not in row.before and "password" not in row.after
+
+
+@pytest.mark.django_db
 def test_admin_cannot_rename_a_node_or_move_it_to_another_cluster(client):
     # given ops editing a booked node in the admin, and another cluster
     from tests.factories import AllocationFactory, ClusterFactory
