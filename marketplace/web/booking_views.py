@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -20,10 +21,12 @@ from marketplace.core.exceptions import InvalidInput, PermissionDenied, ServiceE
 from marketplace.core.services import Actor
 from marketplace.inventory.models import GpuModel, Region
 from marketplace.reservations import policies, selectors, services
+from marketplace.reservations.models import Reservation
 from marketplace.reservations.status import ReservationStatus
 from marketplace.tenants.selectors import membership_for, request_tenant
 
 CALENDAR_DAYS = 7
+RESERVATIONS_PER_PAGE = 50
 CALENDAR_STEP = timedelta(hours=12)
 # Set when this user's own booking, cancellation, extension or release succeeds: their next booking page
 # counts the shared calendar again instead of showing one from before their change.
@@ -145,10 +148,11 @@ def reservation_list(request):
     tenant = request_tenant(request)
     status = request.GET.get("status", "")
     wanted = [status] if status in ReservationStatus.values else None
-    reservations = selectors.reservation_list(tenant=tenant, status=wanted)[:200] if tenant else []
-    rows = [(r, selectors.reservation_node_names(r)) for r in reservations]
+    reservations = selectors.reservation_list(tenant=tenant, status=wanted) if tenant else Reservation.objects.none()
+    page = Paginator(reservations, RESERVATIONS_PER_PAGE).get_page(request.GET.get("page"))
+    rows = [(r, selectors.reservation_node_names(r)) for r in page.object_list]
     return render(request, "web/reservations/list.html",
-                  {"rows": rows, "statuses": ReservationStatus.choices, "status": status})
+                  {"rows": rows, "page": page, "statuses": ReservationStatus.choices, "status": status})
 
 
 @login_required
@@ -159,8 +163,10 @@ def reservation_detail(request, reservation_id):
     except ServiceError as exc:
         messages.error(request, exc.message)
         return redirect("web:reservation-list")
+    membership = membership_for(user=request.user, tenant=tenant)
     return render(request, "web/reservations/detail.html", {
         "reservation": reservation, "nodes": selectors.reservation_node_names(reservation),
+        "can_write": membership is not None and membership.can_write,
         "events": reservation.events.order_by("due_at"),
         # After a refused extension the form keeps the end that was asked for.
         "extend_form": ExtendForm(initial={"end": request.GET.get(EXTEND_END) or reservation.ends_at}),

@@ -182,3 +182,39 @@ def test_viewers_cannot_book(tenant):
     response = client.post("/reservations/book/", SEARCH, follow=True)
     assert any("Viewers cannot" in m for m in messages_of(response))
     assert not Reservation.objects.exists()
+
+
+def test_the_reservation_list_pages_through_every_reservation_in_a_fixed_number_of_queries(
+        browser, tenant, django_assert_max_num_queries):
+    # given 55 reservations of the tenant, one a day, and one of another tenant
+    from tests.factories import ReservationFactory
+
+    for day in range(55):
+        ReservationFactory(tenant=tenant, starts_at=at(24 * day), ends_at=at(24 * day + 4))
+    ReservationFactory()
+    # when the list is opened, then it shows the 50 newest, says how many there are, and links on
+    with django_assert_max_num_queries(12):
+        first = browser.get("/reservations/")
+    assert len(first.context["rows"]) == 50 and "Page 1 of 2 (55 reservations)" in first.content.decode()
+    assert 'href="?page=2"' in first.content.decode()
+    # and the second page holds the 5 oldest, which the list could not reach before
+    second = browser.get("/reservations/", {"page": 2})
+    assert [r.starts_at for r, _ in second.context["rows"]] == [at(24 * day) for day in (4, 3, 2, 1, 0)]
+    # and a filter is kept from page to page
+    assert 'href="?status=confirmed&page=2"' in browser.get("/reservations/", {"status": "confirmed"}).content.decode()
+
+
+def test_the_detail_page_links_to_the_pool_and_offers_viewers_no_actions(browser, tenant):
+    # given a booking made from the page
+    token = csrf(browser)
+    browser.post("/reservations/book/", SEARCH | {"region": "us-east", "csrfmiddlewaretoken": token})
+    reservation = Reservation.objects.get()
+    # then its page links to its pool page, which opens, and offers its member the actions
+    page = browser.get(f"/reservations/{reservation.pk}/").content.decode()
+    assert f'href="/pools/{reservation.pk}/"' in page and "Release now" in page
+    assert browser.get(f"/pools/{reservation.pk}/").status_code == 200
+    # and a viewer of the tenant sees the page without buttons it could not use
+    viewer = Client()
+    viewer.force_login(MembershipFactory(tenant=tenant, role="viewer").user)
+    page = viewer.get(f"/reservations/{reservation.pk}/").content.decode()
+    assert str(reservation.pk) in page and "Release now" not in page and "Extend" not in page
