@@ -59,7 +59,11 @@ def inventory(request):
 def node_status(request):
     form = NodeStatusForm(request.POST)
     if not form.is_valid():
-        messages.error(request, "Choose nodes and a status.")
+        # The form lives on the inventory page: what was wrong travels as a message.
+        problems = [f"{name}: {' '.join(errors)}" for name, errors in form.errors.items()
+                    if name not in ("nodes", "status")]
+        messages.error(request, " ".join(["Choose nodes and a status." if {"nodes", "status"} & set(form.errors)
+                                          else "Nothing changed.", *problems]))
         return redirect("web:ops-inventory")
     try:
         change = services.node_bulk_set_status(

@@ -264,6 +264,14 @@ class TestOpsPages:
         assert response.status_code == 400
         assert Node.objects.get(pk=node.pk).status == "available" and not MaintenanceWindow.objects.exists()
 
+    def test_a_status_change_with_a_too_long_reason_says_so(self, ops_client):
+        node = NodeFactory()
+        response = ops_client.post("/ops/inventory/node-status/",
+                                   {"nodes": [node.pk], "status": "retired", "reason": "x" * 501}, follow=True)
+        page = response.content.decode()
+        assert "reason: Ensure this value has at most 500 characters" in page and "Choose nodes" not in page
+        assert Node.objects.get(pk=node.pk).status == "available"
+
     def test_inventory_page_is_a_fixed_number_of_queries(self, ops_client, django_assert_max_num_queries):
         NodeFactory.create_batch(30)
         with django_assert_max_num_queries(16):
