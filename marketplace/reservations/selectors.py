@@ -142,7 +142,15 @@ def priced_clusters(*, gpu_model: GpuModel, region: Region | None = None) -> lis
             prices = prices.filter(region=region)
         rows = prices.values_list("region__clusters__id", "region__clusters__name", "region__code",
                                   "price_per_gpu_hour", "currency")
-    return sorted((PricedCluster(*row) for row in rows), key=lambda cluster: (cluster.unit_price, cluster.name))
+    return sorted((PricedCluster(*row) for row in rows),
+                  key=lambda cluster: (*price_order(cluster.currency, cluster.unit_price), cluster.name))
+
+
+def price_order(currency: str, amount: Decimal) -> tuple:
+    """How prices rank: the marketplace's own currency (MARKETPLACE_DEFAULT_CURRENCY) first, then
+    other currencies by code, each cheapest first. Amounts in different currencies are never
+    compared: 2.40 EUR is not cheaper than 2.50 USD for want of an exchange rate."""
+    return currency != settings.MARKETPLACE["DEFAULT_CURRENCY"], currency, amount
 
 
 _PRICED_CLUSTERS_SQL = """
@@ -254,7 +262,7 @@ def plan_domains(domain_counts: dict[str, int], nodes: int, *, same_domain: bool
 def offers_for(*, gpu_model: GpuModel, nodes: int, start: datetime, end: datetime,
                counts: dict[int, dict[str, int]], priced: list[PricedCluster],
                same_domain: bool) -> list[Offer]:
-    """Feasible offers, best first: one domain before several, then cheaper, then by cluster name."""
+    """Feasible offers, best first: one domain before several, then cheaper (price_order), then by cluster name."""
     offers = []
     gpus = nodes * gpu_model.gpus_per_node
     for cluster in priced:
@@ -262,7 +270,7 @@ def offers_for(*, gpu_model: GpuModel, nodes: int, start: datetime, end: datetim
         if domains is None:
             continue
         offers.append(Offer.in_cluster(cluster=cluster, nodes=nodes, gpus=gpus, domains=domains, start=start, end=end))
-    offers.sort(key=lambda o: (not o.same_domain, o.total_price, o.cluster))
+    offers.sort(key=lambda o: (not o.same_domain, *price_order(o.currency, o.total_price), o.cluster))
     return offers
 
 

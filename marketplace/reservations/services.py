@@ -420,8 +420,8 @@ _PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).repla
     "{cancelled}", Allocation.State.CANCELLED.value).replace("{spread}", str(WALK_SPREAD_DOMAINS)).replace(
     "{walk}", str(WALK_MAX_DOMAINS))
 
-# The tenant row locked, the model and region looked up by name, the cheapest priced cluster (then
-# by name, COLLATE "C": the code-point order of selectors.priced_clusters) and the pick in it; one
+# The tenant row locked, the model and region looked up by name, the first priced cluster in
+# selectors.price_order (then by name, COLLATE "C": the code-point order of selectors.priced_clusters) and the pick in it; one
 # row, with NULL cluster columns if no cluster has a price. No pick unless the GPUs make whole nodes.
 _TENANT_PRICES_AND_PICK_SQL = """
 WITH tenant AS (
@@ -434,7 +434,8 @@ WITH tenant AS (
   SELECT id FROM inventory_region WHERE code = %(region_code)s::text
 ), priced AS MATERIALIZED (
   SELECT c.id, c.name, r.code, p.price_per_gpu_hour, p.currency,
-         row_number() OVER (ORDER BY p.price_per_gpu_hour, c.name COLLATE "C") AS rank
+         row_number() OVER (ORDER BY p.currency <> %(default_currency)s::text, p.currency COLLATE "C",
+                            p.price_per_gpu_hour, c.name COLLATE "C") AS rank
   FROM inventory_cluster c
   JOIN inventory_region r ON r.id = c.region_id
   JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = (SELECT id FROM model)
@@ -509,7 +510,8 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
         pick_params = {"start": start, "padded_end": padded_end}
         # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
         rows = fetch_prepared(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
-            "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code})
+            "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code,
+            "default_currency": settings.MARKETPLACE["DEFAULT_CURRENCY"]})
         if not rows:
             raise Tenant.DoesNotExist(f"No tenant {tenant.pk}.")
         [looked_up] = rows

@@ -87,8 +87,8 @@ def test_a_booking_on_postgresql_takes_a_fixed_handful_of_statements(fleet, tena
 def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, tenant, actor):
     # given two more clusters at the same, lower price, whose names sort differently by code point
     # ("B-…" before "b-…") than by a linguistic collation
-    region = RegionFactory(code="eu-west")
-    GpuPriceFactory(gpu_model=fleet.model, region=region, price_per_gpu_hour=Decimal("2.0000"), currency="EUR")
+    region = RegionFactory(code="us-west")
+    GpuPriceFactory(gpu_model=fleet.model, region=region, price_per_gpu_hour=Decimal("2.0000"), currency="USD")
     lower, upper = ClusterFactory(name="b-x", region=region), ClusterFactory(name="B-y", region=region)
     for cluster in (lower, upper):
         NodeFactory(name=f"{cluster.name}-0", cluster=cluster, gpu_model=fleet.model, topology_domain="ib-z")
@@ -98,8 +98,26 @@ def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, 
     placed = [book(tenant, actor, gpus=8).reservation for _ in range(3)]
     # then they go to the cheap clusters in that order, at their price, and then to the next cluster
     assert [r.cluster.name for r in placed] == ["B-y", "b-x", "east-1"]
-    assert [(r.unit_price, r.currency) for r in placed] == [(Decimal("2.0000"), "EUR")] * 2 + [
+    assert [(r.unit_price, r.currency) for r in placed] == [(Decimal("2.0000"), "USD")] * 2 + [
         (Decimal("2.5000"), "USD")]
+
+
+def test_prices_in_another_currency_are_not_compared_as_numbers(fleet, tenant, actor, settings):
+    # given a region priced lower in figures, but in euros, while the marketplace's currency is USD
+    settings.MARKETPLACE = {**settings.MARKETPLACE, "DEFAULT_CURRENCY": "USD"}
+    region = RegionFactory(code="eu-west")
+    GpuPriceFactory(gpu_model=fleet.model, region=region, price_per_gpu_hour=Decimal("2.4000"), currency="EUR")
+    cluster = ClusterFactory(name="eu-1", region=region)
+    NodeFactory(name="eu-1-0", cluster=cluster, gpu_model=fleet.model, topology_domain="ib-e")
+    # when offers are listed and a booking names no region
+    found = selectors.availability_search(gpu_model=fleet.model, gpus=8, start=at(2), end=at(6))
+    # then the USD offer comes first and is booked; the EUR one is still offered, after it
+    assert [(o.cluster, o.currency) for o in found.offers] == [("east-1", "USD"), ("eu-1", "EUR")]
+    booked = book(tenant, actor, gpus=8).reservation
+    assert (booked.cluster.name, booked.currency, booked.unit_price) == ("east-1", "USD", Decimal("2.5000"))
+    # and a booking in that region gets the euro price
+    in_eu = book(tenant, actor, gpus=8, region="eu-west").reservation
+    assert (in_eu.cluster.name, in_eu.currency, in_eu.unit_price) == ("eu-1", "EUR", Decimal("2.4000"))
 
 
 def test_quota_is_refused_before_capacity(fleet, tenant, actor):
