@@ -189,25 +189,6 @@ def test_a_pool_node_with_maintenance_planned_now_with_force_is_swapped_out(memo
 
 
 @pytest.mark.django_db
-def test_a_booked_node_with_maintenance_planned_in_the_window_is_replaced_when_the_pool_is_built(memory,
-                                                                                               kube_cluster):
-    # given a booking that has not started, and a free spare
-    nodes, (spare,) = pool_nodes(memory, kube_cluster, count=2, spare=1)
-    reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
-    # when ops plan maintenance of one of its nodes inside its window, with force, and the start falls due
-    inventory.maintenance_window_create(actor=Actor.task("ops"), node=nodes[0],
-                                        starts_at=reservation.starts_at + timedelta(hours=1),
-                                        ends_at=reservation.starts_at + timedelta(hours=2), force=True)
-    with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False):
-        assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
-    # then the pool is built on the other node and the spare
-    reservation.refresh_from_db()
-    assert reservation.status == S.ACTIVE
-    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
-    assert reservation.allocations.get(node=nodes[0]).state == Allocation.State.CANCELLED
-
-
-@pytest.mark.django_db
 def test_a_booked_node_with_maintenance_later_in_the_window_and_no_free_node_serves_until_then(memory,
                                                                                                kube_cluster):
     # given a booking of two nodes with no free node, and maintenance planned with force on one of
@@ -271,17 +252,29 @@ def test_a_booking_whose_every_node_is_out_of_service_with_no_free_node_fails(me
     assert memory.pool_members() == {}
 
 
+def retire(node, reservation):
+    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[node.pk], status=Node.Status.RETIRED, force=True)
+
+
+def plan_maintenance_in_the_window(node, reservation):
+    inventory.maintenance_window_create(actor=Actor.task("ops"), node=node,
+                                        starts_at=reservation.starts_at + timedelta(hours=1),
+                                        ends_at=reservation.starts_at + timedelta(hours=2), force=True)
+
+
 @pytest.mark.django_db
-def test_a_booked_node_ops_retire_before_the_start_is_replaced_when_the_pool_is_built(memory, kube_cluster):
+@pytest.mark.parametrize("take_out", [retire, plan_maintenance_in_the_window], ids=["retired", "maintenance"])
+def test_a_booked_node_ops_take_out_before_the_start_is_replaced_when_the_pool_is_built(memory, kube_cluster,
+                                                                                        take_out):
     # given a booking that has not started, and a free spare
     nodes, (spare,) = pool_nodes(memory, kube_cluster, count=2, spare=1)
     reservation = book(nodes=nodes, starts_at=timezone.now() + timedelta(minutes=5))
-    # when ops retire one of its nodes with force, and the start falls due
-    inventory.node_bulk_set_status(actor=Actor.task("ops"), node_ids=[nodes[0].pk], status=Node.Status.RETIRED,
-                                   force=True)
+    # when ops retire one of its nodes, or plan its maintenance inside the window, with force, and
+    # the start falls due
+    take_out(nodes[0], reservation)
     with time_machine.travel(reservation.starts_at - timedelta(minutes=5), tick=False):
         assert reconcile.run_due_events(drivers=memory.drivers) == ["done"]
-    # then the pool is built on the other node and the spare, and the retired node's period is freed
+    # then the pool is built on the other node and the spare, and the first node's period is freed
     reservation.refresh_from_db()
     assert reservation.status == S.ACTIVE
     assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
