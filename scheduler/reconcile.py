@@ -211,9 +211,11 @@ def provision(reservation_id, *, drivers: Drivers = driver_for) -> Step:
 
 
 def _instant(reservation: Reservation) -> tuple[datetime, datetime]:
-    """The moment a pool's nodes are judged at: now, or the start of a window that has not begun."""
+    """When a pool's nodes must serve, as judged now: from now (or the start of a window that has not
+    begun) until the next reconcile looks again. So a node whose maintenance begins before then is
+    swapped out ahead of it, not up to a reconcile interval into it with the tenant's pods still on it."""
     at = max(timezone.now(), reservation.starts_at)
-    return at, at + timedelta(seconds=1)
+    return at, at + settings.MARKETPLACE["RECONCILE_INTERVAL"]
 
 
 def _unusable_for(reservation: Reservation, allocations: list, *, during: tuple[datetime, datetime]) -> list:

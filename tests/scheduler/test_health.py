@@ -189,6 +189,22 @@ def test_a_pool_node_with_maintenance_planned_now_with_force_is_swapped_out(memo
 
 
 @pytest.mark.django_db
+def test_a_pool_node_is_swapped_out_before_maintenance_that_begins_before_the_next_reconcile(memory, kube_cluster):
+    # given an active pool and a free spare, and maintenance planned with force on a pool node
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    begins = timezone.now() + timedelta(minutes=10)
+    inventory.maintenance_window_create(actor=Actor.task("ops"), node=nodes[0], starts_at=begins,
+                                        ends_at=begins + timedelta(hours=1), force=True)
+    # when a reconcile runs well before it, nothing changes
+    assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "in sync"
+    # when the last reconcile before it runs (the next would come after it has begun), the node is
+    # swapped out now, so it is empty when the maintenance begins
+    with time_machine.travel(begins - timedelta(minutes=2), tick=False):
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "recovered"
+    assert memory.pool_members() == {nodes[1].name: reservation.pool_name, spare.name: reservation.pool_name}
+
+
+@pytest.mark.django_db
 def test_a_booked_node_with_maintenance_later_in_the_window_and_no_free_node_serves_until_then(memory,
                                                                                                kube_cluster):
     # given a booking of two nodes with no free node, and maintenance planned with force on one of
