@@ -58,6 +58,9 @@ def _tenant_or_none(request):
 
 
 def _writer(request, tenant):
+    if tenant is None:
+        # Staff without a membership are ops: they act for no tenant here (the ops pages are theirs).
+        raise PermissionDenied("You act for no tenant, so there is nothing of yours to change here.")
     membership = membership_for(user=request.user, tenant=tenant)
     if membership is None or not membership.can_write:
         raise PermissionDenied("Viewers cannot change anything; ask an owner of your tenant.")
@@ -199,7 +202,7 @@ def reservation_action(request, reservation_id, action):
             messages.success(request, "Reservation extended.")
     except ServiceError as exc:
         messages.error(request, exc.message)
-        if exc.http_status == 404:
+        if exc.http_status == 404 or tenant is None:
             return redirect("web:reservation-list")
         if action == "extend":
             return redirect(reverse("web:reservation-detail", kwargs={"reservation_id": reservation_id}) + "?"

@@ -218,3 +218,17 @@ def test_the_detail_page_links_to_the_pool_and_offers_viewers_no_actions(browser
     viewer.force_login(MembershipFactory(tenant=tenant, role="viewer").user)
     page = viewer.get(f"/reservations/{reservation.pk}/").content.decode()
     assert str(reservation.pk) in page and "Release now" not in page and "Extend" not in page
+
+
+def test_staff_acting_for_no_tenant_are_told_so_once(browser, staff_user):
+    # given a booking of a tenant, and an ops user who is a member of no tenant
+    token = csrf(browser)
+    browser.post("/reservations/book/", SEARCH | {"region": "us-east", "csrfmiddlewaretoken": token})
+    reservation = Reservation.objects.get()
+    ops = Client()
+    ops.force_login(staff_user)
+    # when they post a cancel for it, then one message says why nothing happened
+    response = ops.post(f"/reservations/{reservation.pk}/cancel/", follow=True)
+    assert messages_of(response) == ["You act for no tenant, so there is nothing of yours to change here."]
+    reservation.refresh_from_db()
+    assert reservation.status == "confirmed"
