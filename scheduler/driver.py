@@ -75,7 +75,7 @@ class ReadinessResult:
     passed: bool
     checked_at: datetime
     problems: list[str]
-    nodes: dict[str, dict]  # per node: ready, gpus, labels_ok, taint_ok, foreign_pods
+    nodes: dict[str, dict]  # per node: ready, gpus, labels_ok, taint_ok, foreign_pods (a count: tenants see it)
     plan_only: bool = False
 
     def as_json(self) -> dict:

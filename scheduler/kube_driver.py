@@ -331,7 +331,9 @@ class KubernetesDriver:
                 "schedulable": not (node.get("spec") or {}).get("unschedulable", False),
                 "labels_ok": all(labels.get(k) == v for k, v in pool_labels.items()),
                 "taint_ok": any({k: t.get(k) for k in taint} == taint for t in taints),
-                "foreign_pods": self._foreign_pods(name, spec.namespace),
+                # A count: the readiness is shown to the tenant, and other tenants' namespace and
+                # pod names are none of its business.
+                "foreign_pods": len(self._foreign_pods(name, spec.namespace)),
             }
             problems = []
             if not finding["ready"]:
@@ -345,7 +347,7 @@ class KubernetesDriver:
             if not finding["taint_ok"]:
                 problems.append(f"node {name} lacks the tenant taint")
             if finding["foreign_pods"]:
-                problems.append(f"node {name} runs pods of others: {', '.join(finding['foreign_pods'][:5])}")
+                problems.append(f"node {name} runs pods of others ({finding['foreign_pods']})")
             return finding, problems
 
         names = list(dict.fromkeys(spec.nodes))

@@ -83,7 +83,7 @@ class MemoryCluster:
                 continue
             labels_ok = all(node.labels.get(k) == v for k, v in manifests.pool_labels(spec).items())
             taint_ok = manifests.pool_taint(spec) in node.taints
-            foreign = [p.name for p in self.pods if p.node == name and p.namespace != spec.namespace]
+            foreign = sum(1 for p in self.pods if p.node == name and p.namespace != spec.namespace)
             report[name] = {"ready": node.ready, "gpus": node.gpus, "labels_ok": labels_ok, "taint_ok": taint_ok,
                             "foreign_pods": foreign}
             if not node.ready:
