@@ -24,8 +24,11 @@ class TenantAdmin(AuditedAdminMixin, admin.ModelAdmin):
 @admin.register(ApiToken)
 class ApiTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "prefix", "user", "tenant", "created_at", "last_used_at", "revoked_at"]
-    # Tokens are issued (secret shown once) and revoked through the UI or API, never typed in here.
-    readonly_fields = ["user", "tenant", "name", "prefix", "key_hash", "created_at", "last_used_at", "expires_at"]
+    # Tokens are issued (secret shown once) and revoked through the UI or API, never typed in here;
+    # a revocation is never undone. The hash of the secret never goes into an audit row.
+    readonly_fields = ["user", "tenant", "name", "prefix", "key_hash", "created_at", "last_used_at", "expires_at",
+                       "revoked_at"]
+    audit_exclude = ("key_hash",)
     list_select_related = ["user", "tenant"]
 
     def has_add_permission(self, request):

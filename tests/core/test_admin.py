@@ -84,6 +84,33 @@ def test_admin_cannot_delete_a_user_and_audits_changes_without_the_password(clie
 
 
 @pytest.mark.django_db
+def test_admin_cannot_undo_a_token_revocation_and_never_audits_its_hash(client):
+    # given a revoked token, and ops in the admin
+    from django.utils import timezone
+
+    from marketplace.tenants.models import ApiToken
+    from tests.factories import MembershipFactory
+
+    membership = MembershipFactory()
+    token = ApiToken.objects.create(user=membership.user, tenant=membership.tenant, name="ci", prefix="gpm_abc",
+                                    key_hash="f" * 64, revoked_at=timezone.now())
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    # then the change form offers nothing to edit, so the revocation cannot be cleared
+    page = client.get(f"/admin/tenants/apitoken/{token.pk}/change/")
+    assert "revoked_at" not in page.context["adminform"].form.fields
+    client.post(f"/admin/tenants/apitoken/{token.pk}/change/", {"revoked_at_0": "", "revoked_at_1": ""})
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    # and a save through the admin writes no hash into the tenant's audit log
+    request = RequestFactory().post("/admin/")
+    request.user = UserFactory(is_staff=True)
+    token.name = "renamed"
+    admin.site._registry[ApiToken].save_model(request, token, form=None, change=True)
+    row = AuditLog.objects.get(action="apitoken.admin_update", object_id=str(token.pk))
+    assert "key_hash" not in row.before and "key_hash" not in row.after and "f" * 64 not in str(row.after)
+
+
+@pytest.mark.django_db
 def test_admin_cannot_rename_a_node_or_move_it_to_another_cluster(client):
     # given ops editing a booked node in the admin, and another cluster
     from tests.factories import AllocationFactory, ClusterFactory
