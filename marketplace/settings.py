@@ -21,6 +21,9 @@ if DJANGO_ENV not in {"production", "development", "test"}:
 IS_PRODUCTION = DJANGO_ENV == "production"
 
 DEBUG = env.bool("DEBUG", default=DJANGO_ENV == "development")
+if IS_PRODUCTION and DEBUG:
+    # DEBUG pages show settings and SQL to anyone who makes a request fail.
+    raise ImproperlyConfigured("DEBUG must be off in production (DJANGO_ENV=production); unset DEBUG.")
 
 if IS_PRODUCTION:
     # Fail fast: a production process must never start with a guessable key.
@@ -42,9 +45,14 @@ CSRF_COOKIE_SECURE = SECURE_COOKIES
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("BEHIND_TLS_PROXY", default=False) else None
-SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+BEHIND_TLS_PROXY = env.bool("BEHIND_TLS_PROXY", default=False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_TLS_PROXY else None
+# Behind the TLS proxy in production, plain HTTP is redirected and browsers are told to keep to HTTPS
+# (the header is only ever sent on HTTPS responses). In-cluster probes and Prometheus scrapes come
+# over plain HTTP from inside, so their paths are not redirected.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=IS_PRODUCTION and BEHIND_TLS_PROXY)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if IS_PRODUCTION else 0)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -45,6 +45,25 @@ def test_production_with_secret_key_has_safe_defaults():
                       "PASSWORD_HASHER": "django.contrib.auth.hashers.PBKDF2PasswordHasher"}
 
 
+def test_production_refuses_debug_and_defaults_to_https_behind_the_tls_proxy():
+    # given production with DEBUG switched on, then production behind the TLS proxy
+    debug = load_settings(DJANGO_ENV="production", SECRET_KEY="a-long-random-production-secret", DEBUG="true")
+    # then the first refuses to start, naming DEBUG
+    assert debug.returncode != 0 and "DEBUG must be off in production" in debug.stderr
+    probe = subprocess.run(
+        [sys.executable, "-c", "import json; from django.conf import settings; print(json.dumps("
+         "[settings.SECURE_SSL_REDIRECT, settings.SECURE_HSTS_SECONDS, settings.SECURE_REDIRECT_EXEMPT]))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "DEBUG", "SECURE_SSL_REDIRECT",
+                                                                  "SECURE_HSTS_SECONDS"}},
+             "DJANGO_SETTINGS_MODULE": "marketplace.settings", "DJANGO_ENV": "production",
+             "SECRET_KEY": "a-long-random-production-secret", "BEHIND_TLS_PROXY": "true"})
+    # and the second redirects plain HTTP (not the probes and the scrape) and sends HSTS for a year
+    assert probe.returncode == 0, probe.stderr
+    redirect, hsts, exempt = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert redirect is True and hsts == 31_536_000 and {"^healthz$", "^readyz$", "^metrics$"} <= set(exempt)
+
+
 def test_unknown_environment_name_is_refused():
     result = load_settings(DJANGO_ENV="staging")
     assert result.returncode != 0
