@@ -254,6 +254,9 @@ MARKETPLACE = {
     "PROVISION_LEAD_TIME": timedelta(minutes=env.int("MARKETPLACE_PROVISION_LEAD_MINUTES", default=10)),
     # The tenant is told this long before the end that its pool will be drained.
     "END_NOTICE_LEAD_TIME": timedelta(minutes=env.int("MARKETPLACE_END_NOTICE_LEAD_MINUTES", default=30)),
+    # Pod Security Standard enforced in tenant namespaces: baseline forbids privileged and host-path
+    # pods (root on a node the next tenant gets); "privileged" for a fleet whose tenants are trusted.
+    "POD_SECURITY_LEVEL": env.str("MARKETPLACE_POD_SECURITY_LEVEL", default="baseline"),
     # Beat: due events are swept this often; the full level-based reconcile runs this often.
     "EVENT_SWEEP_INTERVAL": timedelta(seconds=env.int("MARKETPLACE_EVENT_SWEEP_SECONDS", default=5)),
     "RECONCILE_INTERVAL": timedelta(seconds=env.int("MARKETPLACE_RECONCILE_SECONDS", default=180)),
@@ -276,6 +279,9 @@ MARKETPLACE = {
     # this long in the cache and shown with the time it was computed (0: computed every time).
     "CAPACITY_CACHE_TTL": timedelta(seconds=env.int("MARKETPLACE_CAPACITY_CACHE_SECONDS", default=60)),
 }
+if MARKETPLACE["POD_SECURITY_LEVEL"] not in {"privileged", "baseline", "restricted"}:
+    raise ImproperlyConfigured("MARKETPLACE_POD_SECURITY_LEVEL must be privileged, baseline or restricted, not "
+                               f"{MARKETPLACE['POD_SECURITY_LEVEL']!r}")
 
 # /metrics is open on loopback; elsewhere it needs this bearer token or an allowed network.
 METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")

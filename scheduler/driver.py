@@ -41,6 +41,7 @@ class TenantSpec:
     namespace: str  # deterministic: namespace_for(tenant)
     gpus: int  # ResourceQuota requests.nvidia.com/gpu; 0 means the tenant has nothing left here
     label_prefix: str
+    pod_security: str = "baseline"  # the Pod Security Standard enforced in the namespace
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,11 @@ def tenant_namespace(spec: TenantSpec) -> dict:
         "kind": "Namespace",
         "metadata": {
             "name": spec.namespace,
-            "labels": {key: spec.tenant, f"{spec.label_prefix}/managed": "true"},
+            # Pod Security admission: at "baseline" a tenant cannot run privileged or host-path pods,
+            # which would give it root on a node that goes to the next tenant after it.
+            "labels": {key: spec.tenant, f"{spec.label_prefix}/managed": "true",
+                       "pod-security.kubernetes.io/enforce": spec.pod_security,
+                       "pod-security.kubernetes.io/enforce-version": "latest"},
             "annotations": {
                 # The PodNodeSelector and PodTolerationRestriction admission plugins read these, so
                 # tenant pods land on the tenant's pool nodes by default.

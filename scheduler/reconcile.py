@@ -63,6 +63,7 @@ def tenant_spec(reservation: Reservation, *, gpus: int) -> TenantSpec:
     return TenantSpec(
         cluster=reservation.cluster.name, tenant=tenant.slug, group=tenant.group_name,
         namespace=namespace_for(tenant.slug), gpus=gpus, label_prefix=_prefix(),
+        pod_security=settings.MARKETPLACE["POD_SECURITY_LEVEL"],
     )
 
 

@@ -52,6 +52,8 @@ class TestProvision:
         core, net, rbac = cluster.api.core, cluster.api.networking, cluster.api.rbac
         ns = cluster.read(core.read_namespace, tenant.namespace)
         assert ns["metadata"]["labels"][TENANT_KEY] == tenant.tenant
+        # no privileged or host-path pods: root on a node the next tenant gets
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "baseline"
         annotations = ns["metadata"]["annotations"]
         assert annotations["scheduler.alpha.kubernetes.io/node-selector"] == f"{TENANT_KEY}={tenant.tenant}"
         assert json.loads(annotations["scheduler.alpha.kubernetes.io/defaultTolerations"]) == [

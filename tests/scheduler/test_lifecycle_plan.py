@@ -13,7 +13,7 @@ from marketplace.pools import services as services_pools
 from marketplace.pools.models import PlannedOperation, Pool, PoolNotice
 from marketplace.reservations import services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
-from scheduler import reconcile
+from scheduler import manifests, reconcile
 from tests.scheduler.helpers import book, plan_cluster  # noqa: F401 - fixtures
 
 S = Reservation.Status
@@ -232,3 +232,13 @@ def test_a_pool_ready_only_after_its_window_ended_fails_and_is_not_billed(plan_c
     assert reservation.status == S.FAILED and reservation.ready_at is None
     assert "reservation.active" not in _statuses(reservation)
     assert not Pool.objects.get(pk=reservation.pk).on_cluster
+
+
+@pytest.mark.django_db
+def test_the_pod_security_level_of_tenant_namespaces_is_a_setting(settings):
+    # given a fleet whose tenants are trusted with privileged pods
+    settings.MARKETPLACE = {**settings.MARKETPLACE, "POD_SECURITY_LEVEL": "privileged"}
+    reservation = book()
+    # then the namespace the scheduler applies enforces that level
+    namespace = manifests.tenant_namespace(reconcile.tenant_spec(reservation, gpus=8))
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
