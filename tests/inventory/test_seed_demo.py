@@ -47,3 +47,16 @@ def test_seed_builds_a_realistic_fleet_and_is_idempotent():
     assert api.get("/api/v1/gpu-models/", HTTP_AUTHORIZATION=f"Bearer {second_token}").status_code == 200
     assert api.get("/api/v1/gpu-models/", HTTP_AUTHORIZATION=f"Bearer {first_token}").status_code == 401
     assert ApiToken.objects.filter(name="demo", revoked_at__isnull=True).count() == 1
+
+
+@pytest.mark.django_db
+def test_seed_refuses_to_run_in_production(settings):
+    # given a production process
+    from django.contrib.auth import get_user_model
+    from django.core.management.base import CommandError
+
+    settings.DJANGO_ENV = "production"
+    # when the demo is seeded, then it refuses, and no user with the published password exists
+    with pytest.raises(CommandError, match="does not run in production"):
+        call_command("seed_demo", stdout=StringIO())
+    assert not get_user_model().objects.filter(username="ops").exists() and not Node.objects.exists()

@@ -3,8 +3,9 @@
 from datetime import timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
@@ -50,6 +51,10 @@ class Command(BaseCommand):
     help = "Create the demo fleet, tenants, users and an API token (idempotent)."
 
     def handle(self, *args, **options):
+        if settings.DJANGO_ENV == "production":
+            # It creates a superuser with a published password.
+            raise CommandError("seed_demo creates demo users with a known password: it does not run in production "
+                               "(DJANGO_ENV=production). Use DJANGO_ENV=development.")
         with transaction.atomic():
             self._fleet()
             self._maintenance()
