@@ -22,7 +22,10 @@ def api_token_authenticate(*, raw: str) -> ApiToken | None:
 
 
 def memberships_for_user(*, user: AbstractBaseUser):
-    return Membership.objects.filter(user=user, tenant__is_active=True).select_related("tenant")
+    """The user's memberships, oldest first: the first is the tenant a session acts for until the user
+    picks one, so a tenant that adds the user later never becomes that default behind their back."""
+    return (Membership.objects.filter(user=user, tenant__is_active=True).select_related("tenant")
+            .order_by("created_at", "pk"))
 
 
 def membership_for(*, user: AbstractBaseUser, tenant: Tenant | None) -> Membership | None:

@@ -4,7 +4,7 @@ from marketplace.tenants.selectors import memberships_for_user, request_tenant
 def current_tenant(request):
     if not getattr(request, "user", None) or not request.user.is_authenticated:
         return {"current_tenant": None, "switchable_memberships": []}
-    memberships = list(memberships_for_user(user=request.user))
+    memberships = sorted(memberships_for_user(user=request.user), key=lambda membership: membership.tenant.slug)
     return {
         "current_tenant": request_tenant(request),
         # The switcher only appears for users in more than one tenant.

@@ -100,6 +100,19 @@ class TestTenantSwitcher:
         response = member_client.post("/tenant/switch/", {"tenant": tenant_id}, follow=True)
         assert response.status_code == 200 and "You are not a member of that tenant." in response.content.decode()
 
+    def test_a_tenant_that_adds_someone_later_does_not_become_their_default(self, client):
+        # given a user of tenant "zeta", whom the owner of tenant "alpha" then adds to theirs
+        user = UserFactory()
+        MembershipFactory(user=user, tenant=TenantFactory(slug="zeta"))
+        alpha = TenantFactory(slug="alpha")
+        alpha_owner = MembershipFactory(tenant=alpha, role="owner").user
+        services.membership_create(actor=Actor.for_user(alpha_owner), by=alpha_owner, tenant=alpha,
+                                   username=user.username, role="member")
+        # when they sign in and have not picked a tenant, they act for the tenant they were in first
+        client.force_login(user)
+        page = client.get("/").content.decode()
+        assert f"{user.username} · zeta" in page
+
     def test_cannot_switch_to_a_tenant_one_is_not_in(self, member_client, tenant):
         stranger_tenant = TenantFactory()
         response = member_client.post("/tenant/switch/", {"tenant": stranger_tenant.pk}, follow=True)
