@@ -216,7 +216,8 @@ def _instant(reservation: Reservation) -> tuple[datetime, datetime]:
     begun) until the next reconcile looks again. So a node whose maintenance begins before then is
     swapped out ahead of it, not up to a reconcile interval into it with the tenant's pods still on it."""
     at = max(timezone.now(), reservation.starts_at)
-    return at, at + settings.MARKETPLACE["RECONCILE_INTERVAL"]
+    # Never past the end: maintenance that begins when the booking is over takes nothing from it.
+    return at, min(at + settings.MARKETPLACE["RECONCILE_INTERVAL"], reservation.ends_at)
 
 
 def _unusable_for(reservation: Reservation, allocations: list, *, during: tuple[datetime, datetime]) -> list:

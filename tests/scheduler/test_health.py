@@ -205,6 +205,22 @@ def test_a_pool_node_is_swapped_out_before_maintenance_that_begins_before_the_ne
 
 
 @pytest.mark.django_db
+def test_maintenance_that_begins_when_the_booking_ends_takes_nothing_from_it(memory, kube_cluster):
+    # given an active pool and a free spare, and maintenance planned (no force needed) on a pool node
+    # from the booking's end
+    reservation, nodes, (spare,) = active_pool(memory, kube_cluster, spare=1)
+    _, holds = inventory.maintenance_window_create(actor=Actor.task("ops"), node=nodes[0],
+                                                   starts_at=reservation.ends_at,
+                                                   ends_at=reservation.ends_at + timedelta(hours=2))
+    assert holds == []
+    # when the last reconcile before the end runs, nothing changes: the node is not needed after it
+    with time_machine.travel(reservation.ends_at - timedelta(minutes=2), tick=False):
+        assert reconcile.reconcile_reservation(reservation.pk, drivers=memory.drivers) == "in sync"
+    assert not Downtime.objects.exists()
+    assert memory.pool_members() == {nodes[0].name: reservation.pool_name, nodes[1].name: reservation.pool_name}
+
+
+@pytest.mark.django_db
 def test_a_booked_node_with_maintenance_later_in_the_window_and_no_free_node_serves_until_then(memory,
                                                                                                kube_cluster):
     # given a booking of two nodes with no free node, and maintenance planned with force on one of
