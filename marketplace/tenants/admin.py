@@ -3,6 +3,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 
 from marketplace.core.admin import AuditedAdminMixin
+from marketplace.core.services import Actor
+from marketplace.tenants import services
 from marketplace.tenants.models import ApiToken, Membership, Tenant
 
 
@@ -29,6 +31,13 @@ class ApiTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
     readonly_fields = ["user", "tenant", "name", "prefix", "key_hash", "created_at", "last_used_at", "expires_at",
                        "revoked_at"]
     audit_exclude = ("key_hash",)
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke selected tokens (a leaked secret, say)")
+    def revoke(self, request, queryset):
+        for token in queryset.filter(revoked_at__isnull=True).select_related("tenant"):
+            services.api_token_revoke(actor=Actor.for_user(request.user), token_id=token.pk, tenant=token.tenant)
+        self.message_user(request, "Selected tokens revoked.")
     list_select_related = ["user", "tenant"]
 
     def has_add_permission(self, request):

@@ -111,6 +111,26 @@ def test_admin_cannot_undo_a_token_revocation_and_never_audits_its_hash(client):
 
 
 @pytest.mark.django_db
+def test_admin_revokes_a_users_token_with_an_action_and_audits_it(client):
+    # given a live token of a tenant user (leaked, say), and ops in the admin
+    from marketplace.tenants.models import ApiToken
+    from tests.factories import MembershipFactory
+
+    membership = MembershipFactory()
+    token = ApiToken.objects.create(user=membership.user, tenant=membership.tenant, name="ci", prefix="gpm_abc",
+                                    key_hash="e" * 64)
+    ops = UserFactory(is_staff=True, is_superuser=True)
+    client.force_login(ops)
+    # when they revoke it with the admin action
+    client.post("/admin/tenants/apitoken/", {"action": "revoke", "_selected_action": [token.pk]})
+    # then it is revoked, and the tenant's audit log says who did it
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    row = AuditLog.objects.get(action="api_token.revoke", object_id=str(token.pk))
+    assert row.actor == f"user:{ops.username}" and row.tenant_id == membership.tenant_id
+
+
+@pytest.mark.django_db
 def test_admin_cannot_rename_a_node_or_move_it_to_another_cluster(client):
     # given ops editing a booked node in the admin, and another cluster
     from tests.factories import AllocationFactory, ClusterFactory
