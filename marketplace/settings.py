@@ -4,6 +4,7 @@ DJANGO_ENV selects the defaults: ``production`` (the default: DEBUG off, secure 
 secret required), ``development`` (the embedded run command) or ``test``.
 """
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -248,7 +249,7 @@ MARKETPLACE = {
     "MIN_DURATION": timedelta(minutes=env.int("MARKETPLACE_MIN_DURATION_MINUTES", default=60)),
     "MAX_DURATION": timedelta(days=env.int("MARKETPLACE_MAX_DURATION_DAYS", default=90)),
     "MAX_LEAD_TIME": timedelta(days=env.int("MARKETPLACE_MAX_LEAD_TIME_DAYS", default=180)),
-    "DEFAULT_CURRENCY": env.str("MARKETPLACE_DEFAULT_CURRENCY", default="USD"),
+    "DEFAULT_CURRENCY": env.str("MARKETPLACE_DEFAULT_CURRENCY", default="USD").strip().upper(),
     # --- Scheduler (node pools) ---
     # A pool is provisioned this long before its window starts (the start event's due_at).
     "PROVISION_LEAD_TIME": timedelta(minutes=env.int("MARKETPLACE_PROVISION_LEAD_MINUTES", default=10)),
@@ -279,6 +280,10 @@ MARKETPLACE = {
     # this long in the cache and shown with the time it was computed (0: computed every time).
     "CAPACITY_CACHE_TTL": timedelta(seconds=env.int("MARKETPLACE_CAPACITY_CACHE_SECONDS", default=60)),
 }
+if not re.fullmatch(r"[A-Z]{3}", MARKETPLACE["DEFAULT_CURRENCY"]):
+    # It decides which offers rank first; prices carry ISO 4217 codes (the gpuprice_currency_iso rule).
+    raise ImproperlyConfigured("MARKETPLACE_DEFAULT_CURRENCY must be a three-letter ISO 4217 code such as USD, not "
+                               f"{MARKETPLACE['DEFAULT_CURRENCY']!r}")
 if MARKETPLACE["POD_SECURITY_LEVEL"] not in {"privileged", "baseline", "restricted"}:
     raise ImproperlyConfigured("MARKETPLACE_POD_SECURITY_LEVEL must be privileged, baseline or restricted, not "
                                f"{MARKETPLACE['POD_SECURITY_LEVEL']!r}")

@@ -64,6 +64,18 @@ def test_production_refuses_debug_and_defaults_to_https_behind_the_tls_proxy():
     assert redirect is True and hsts == 31_536_000 and {"^healthz$", "^readyz$", "^metrics$"} <= set(exempt)
 
 
+def test_the_marketplace_currency_is_an_iso_code():
+    # a lower-case code is read as the code; anything else refuses to start
+    probe = subprocess.run(
+        [sys.executable, "-c", "from django.conf import settings; print(settings.MARKETPLACE['DEFAULT_CURRENCY'])"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "marketplace.settings", "DJANGO_ENV": "test",
+             "MARKETPLACE_DEFAULT_CURRENCY": " eur "})
+    assert probe.returncode == 0 and probe.stdout.strip() == "EUR", probe.stderr
+    result = load_settings(DJANGO_ENV="test", MARKETPLACE_DEFAULT_CURRENCY="dollars")
+    assert result.returncode != 0 and "MARKETPLACE_DEFAULT_CURRENCY must be a three-letter" in result.stderr
+
+
 def test_unknown_environment_name_is_refused():
     result = load_settings(DJANGO_ENV="staging")
     assert result.returncode != 0
