@@ -38,6 +38,10 @@ else:
     SECRET_KEY = env.str("SECRET_KEY", default=f"insecure-{DJANGO_ENV}-only-key-do-not-use-in-production")
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if IS_PRODUCTION else ["127.0.0.1", "localhost", "testserver"])
+# In a cluster the kubelet's probes and Prometheus's scrape address the pod by its IP (deploy/app.yaml
+# passes it in): without it every probe was a 400 and no pod ever became ready.
+if POD_IP := env.str("POD_IP", default=""):
+    ALLOWED_HOSTS.append(POD_IP)
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 SECURE_COOKIES = env.bool("SECURE_COOKIES", default=IS_PRODUCTION)
