@@ -12,6 +12,7 @@ from marketplace.api.scoping import TenantScopedViewSet
 from marketplace.api.strict import EmptyBodySerializer, ParseBodyFirstMixin
 from marketplace.core.services import Actor
 from marketplace.pools import selectors, services
+from marketplace.pools.models import PoolNotice
 from marketplace.pools.selectors import PLAN_ONLY_LABEL, usage_instructions
 from marketplace.reservations.models import Reservation
 
@@ -74,7 +75,9 @@ def pool_detail_data(view: selectors.PoolView) -> dict:
         "toleration": view.toleration,
         "nodes": PoolNodeSerializer(view.allocations, many=True).data,
         "readiness": reservation.readiness,
-        "end_notice": NoticeSerializer(view.notices, many=True).data,
+        "end_notice": NoticeSerializer([notice for notice in view.notices if notice.kind == PoolNotice.Kind.END_SOON],
+                                       many=True).data,
+        "notices": NoticeSerializer(view.notices, many=True).data,  # every notice, of every kind
         "downtime": DowntimeSerializer(view.downtimes, many=True).data,
         "plan_only": view.plan_only,
         "usage": usage_instructions(view),

@@ -12,6 +12,7 @@ from marketplace.core.exceptions import Conflict, InvalidInput, NotFound
 from marketplace.core.services import Actor, audit_record, audited_update, snapshot
 from marketplace.inventory import selectors
 from marketplace.inventory.models import Cluster, GpuModel, GpuPrice, MaintenanceWindow, Node, Region
+from marketplace.pools import services as pools
 
 NODE_AUDIT_FIELDS = ["name", "cluster", "gpu_model", "gpu_count", "cpu_cores", "memory_gb", "topology_domain",
                      "status"]
@@ -145,6 +146,9 @@ def node_bulk_set_status(*, actor: Actor, node_ids: list[int], status: str, reas
             node.save(update_fields=["status"])
             audit_record(actor=actor, action="node.status", obj=node, before=before,
                          after=snapshot(node, ["status"]), message=reason)
+        if holds:
+            pools.reservation_nodes_withdrawn_notice(
+                actor=actor, holds=holds, what=f"now {status}" + (f": {reason}" if reason else ""), now=timezone.now())
     return NodeStatusChange(nodes=nodes, affected_allocations=holds)
 
 
@@ -171,6 +175,11 @@ def maintenance_window_create(*, actor: Actor, node: Node, starts_at: datetime, 
         window.save()
         audit_record(actor=actor, action="maintenance_window.create", obj=window,
                      after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
+        if holds:
+            pools.reservation_nodes_withdrawn_notice(
+                actor=actor, holds=holds, now=timezone.now(),
+                what=f"maintenance {starts_at:%Y-%m-%d %H:%M} – {ends_at:%Y-%m-%d %H:%M} UTC"
+                     + (f": {reason}" if reason else ""))
     return window, holds
 
 

@@ -142,6 +142,7 @@ class PoolNotice(models.Model):
 
     class Kind(models.TextChoices):
         END_SOON = "end_soon", "The reservation ends soon"
+        NODE_WITHDRAWN = "node_withdrawn", "Ops took a booked node out of service"
 
     reservation = models.ForeignKey(
         "reservations.Reservation", on_delete=models.PROTECT, related_name="pool_notices"

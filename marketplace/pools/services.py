@@ -359,6 +359,35 @@ def reservation_end_notice_record(*, reservation_id, now: datetime) -> PoolNotic
     return notice
 
 
+def reservation_nodes_withdrawn_notice(*, actor: Actor, holds: list, what: str, now: datetime) -> None:
+    """Tell each tenant whose booking holds one of these nodes that ops took it out of service
+    (``what``: how, e.g. "retired"), and what happens next. One notice per reservation, rewritten to
+    the latest change; not posted to the cluster (a booking that has not started has no namespace)."""
+    by_reservation: dict = {}
+    for hold in holds:
+        by_reservation.setdefault(hold.reservation_id, set()).add(hold.node_name)
+    for reservation_id, names in by_reservation.items():
+        with transaction.atomic():
+            reservation = Reservation.objects.select_for_update().get(pk=reservation_id)
+            started = reservation.status not in (S.PENDING, S.CONFIRMED)
+            next_step = (
+                "It is swapped for a free node of the same model; while none is free your pool runs without it, "
+                "degraded, and the missing node's time is not billed." if started else
+                "Before your pool is built it is replaced by a free node of the same model; if none is free your "
+                "pool runs without it, degraded, and the missing node's time is not billed."
+            )
+            message = (f"Ops took node(s) {', '.join(sorted(names))} of this reservation out of service ({what}) at "
+                       f"{now:%Y-%m-%d %H:%M} UTC. {next_step}")
+            notice, created = PoolNotice.objects.select_for_update().get_or_create(
+                reservation=reservation, kind=PoolNotice.Kind.NODE_WITHDRAWN,
+                defaults={"message": message, "created_at": now})
+            if not created:
+                notice.message, notice.created_at = message, now
+                notice.save(update_fields=["message", "created_at"])
+            audit_record(actor=actor, action="reservation.node_withdrawn_notice", obj=reservation,
+                         tenant_id=reservation.tenant_id, after={"message": message})
+
+
 def pool_notice_mark_posted(*, notice_id, now: datetime) -> None:
     PoolNotice.objects.filter(pk=notice_id, posted_to_cluster_at__isnull=True).update(posted_to_cluster_at=now)
 

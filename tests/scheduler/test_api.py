@@ -87,3 +87,35 @@ def test_ops_see_overdue_events_and_failures_and_retry(api_client_for, staff_use
     assert again.status_code == 409 and again.json()["error"]["code"] == "not_failed"
     # and an unknown one a 404
     assert ops.post("/api/v1/ops/scheduler/00000000-0000-0000-0000-000000000000/retry/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_a_tenant_is_told_when_ops_take_a_booked_node_out_of_service(api, client, tenant, member, plan_cluster,
+                                                                     staff_user):
+    # given a booking of the tenant that has not started
+    from marketplace.core.models import AuditLog
+    from marketplace.core.services import Actor
+    from marketplace.inventory import services as inventory
+    from marketplace.inventory.models import Node
+
+    reservation = book(tenant=tenant, cluster=plan_cluster, starts_at=timezone.now() + timedelta(hours=2))
+    node = reservation.allocations.first().node
+    # when ops retire one of its nodes with force, and plan maintenance of it too
+    inventory.node_bulk_set_status(actor=Actor.for_user(staff_user), node_ids=[node.pk],
+                                   status=Node.Status.RETIRED, reason="bad DIMM", force=True)
+    # then its pool's notices say which node, why and what happens next; the end notice is untouched
+    body = api.get(f"/api/v1/pools/{reservation.pk}/").json()
+    [notice] = body["notices"]
+    assert notice["kind"] == "node_withdrawn" and body["end_notice"] == []
+    assert node.name in notice["message"] and "now retired: bad DIMM" in notice["message"]
+    assert "replaced by a free node of the same model" in notice["message"]
+    # and its pool page shows it, and its audit log says who
+    client.force_login(member)
+    assert "bad DIMM" in client.get(f"/pools/{reservation.pk}/").content.decode()
+    row = AuditLog.objects.get(action="reservation.node_withdrawn_notice")
+    assert row.tenant_id == tenant.pk and row.actor == f"user:{staff_user.username}"
+    # and a later change rewrites the one notice
+    inventory.maintenance_window_create(actor=Actor.for_user(staff_user), node=node, starts_at=reservation.starts_at,
+                                        ends_at=reservation.starts_at + timedelta(hours=1), force=True)
+    [notice] = api.get(f"/api/v1/pools/{reservation.pk}/").json()["notices"]
+    assert "maintenance" in notice["message"] and "bad DIMM" not in notice["message"]
