@@ -146,9 +146,11 @@ def node_bulk_set_status(*, actor: Actor, node_ids: list[int], status: str, reas
             node.save(update_fields=["status"])
             audit_record(actor=actor, action="node.status", obj=node, before=before,
                          after=snapshot(node, ["status"]), message=reason)
-        if holds:
-            pools.reservation_nodes_withdrawn_notice(
-                actor=actor, holds=holds, what=f"now {status}" + (f": {reason}" if reason else ""), now=timezone.now())
+    if holds:
+        # After the commit, in transactions of their own: the node rows are no longer locked while
+        # the reservations are (the scheduler locks a reservation, then the nodes it swaps in).
+        pools.reservation_nodes_withdrawn_notice(
+            actor=actor, holds=holds, what=f"now {status}" + (f": {reason}" if reason else ""), now=timezone.now())
     return NodeStatusChange(nodes=nodes, affected_allocations=holds)
 
 
@@ -175,11 +177,11 @@ def maintenance_window_create(*, actor: Actor, node: Node, starts_at: datetime, 
         window.save()
         audit_record(actor=actor, action="maintenance_window.create", obj=window,
                      after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
-        if holds:
-            pools.reservation_nodes_withdrawn_notice(
-                actor=actor, holds=holds, now=timezone.now(),
-                what=f"maintenance {starts_at:%Y-%m-%d %H:%M} – {ends_at:%Y-%m-%d %H:%M} UTC"
-                     + (f": {reason}" if reason else ""))
+    if holds:  # after the commit, as in node_bulk_set_status
+        pools.reservation_nodes_withdrawn_notice(
+            actor=actor, holds=holds, now=timezone.now(),
+            what=f"maintenance {starts_at:%Y-%m-%d %H:%M} – {ends_at:%Y-%m-%d %H:%M} UTC"
+                 + (f": {reason}" if reason else ""))
     return window, holds
 
 
