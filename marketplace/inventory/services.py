@@ -138,6 +138,7 @@ def node_bulk_set_status(*, actor: Actor, node_ids: list[int], status: str, reas
                 f"send force=true to take them out of service anyway.",
                 fields={"node_ids": [hold.describe() for hold in holds]},
             )
+        changed = []
         for node in nodes:
             if node.status == status:
                 continue
@@ -146,12 +147,20 @@ def node_bulk_set_status(*, actor: Actor, node_ids: list[int], status: str, reas
             node.save(update_fields=["status"])
             audit_record(actor=actor, action="node.status", obj=node, before=before,
                          after=snapshot(node, ["status"]), message=reason)
-    if holds:
-        # After the commit, in transactions of their own: the node rows are no longer locked while
-        # the reservations are (the scheduler locks a reservation, then the nodes it swaps in).
-        pools.reservation_nodes_withdrawn_notice(
-            actor=actor, holds=holds, what=f"now {status}" + (f": {reason}" if reason else ""), now=timezone.now())
+            changed.append(node.pk)
+    _notify_bookings(actor=actor, node_ids=changed, after=timezone.now())
     return NodeStatusChange(nodes=nodes, affected_allocations=holds)
+
+
+def _notify_bookings(*, actor: Actor, node_ids: list[int], after: datetime, before: datetime | None = None) -> None:
+    """Refresh the notice of every booking of these nodes (out of service, or back in service).
+
+    After the change has committed, in transactions of its own: node rows are not held locked while
+    reservations are locked (the scheduler locks a reservation, then the nodes it swaps in)."""
+    if node_ids:
+        holds = selectors.allocations_holding(node_ids=node_ids, after=after, before=before)
+        pools.reservation_withdrawn_nodes_notice_refresh(actor=actor, reservation_ids=[h.reservation_id for h in holds],
+                                                         now=timezone.now())
 
 
 def maintenance_window_create(*, actor: Actor, node: Node, starts_at: datetime, ends_at: datetime,
@@ -177,11 +186,8 @@ def maintenance_window_create(*, actor: Actor, node: Node, starts_at: datetime, 
         window.save()
         audit_record(actor=actor, action="maintenance_window.create", obj=window,
                      after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
-    if holds:  # after the commit, as in node_bulk_set_status
-        pools.reservation_nodes_withdrawn_notice(
-            actor=actor, holds=holds, now=timezone.now(),
-            what=f"maintenance {starts_at:%Y-%m-%d %H:%M} – {ends_at:%Y-%m-%d %H:%M} UTC"
-                 + (f": {reason}" if reason else ""))
+    if holds:
+        _notify_bookings(actor=actor, node_ids=[node.pk], after=starts_at, before=ends_at)
     return window, holds
 
 
@@ -199,4 +205,9 @@ def maintenance_window_cancel(*, actor: Actor, window_id: int, reason: str = "")
             window.save(update_fields=["cancelled_at"])
             audit_record(actor=actor, action="maintenance_window.cancel", obj=window, before=before,
                          after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
+            cancelled = True
+        else:
+            cancelled = False
+    if cancelled:
+        _notify_bookings(actor=actor, node_ids=[window.node_id], after=window.starts_at, before=window.ends_at)
     return window

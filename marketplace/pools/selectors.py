@@ -93,6 +93,18 @@ def maintenance_ends(*, node_ids: list[int], starts_at: datetime, ends_at: datet
     return ends
 
 
+def maintenance_spans(*, node_ids: list[int], starts_at: datetime, ends_at: datetime) -> dict[int, tuple]:
+    """Nodes with planned (not cancelled) maintenance overlapping [starts_at, ends_at): from the first
+    such window's start to the last one's end."""
+    spans: dict[int, tuple] = {}
+    for node_id, first, last in MaintenanceWindow.objects.filter(
+            node_id__in=node_ids, cancelled_at__isnull=True, starts_at__lt=ends_at, ends_at__gt=starts_at
+    ).values_list("node_id", "starts_at", "ends_at"):
+        known = spans.get(node_id, (first, last))
+        spans[node_id] = (min(first, known[0]), max(last, known[1]))
+    return spans
+
+
 def node_is_free(*, node_id, starts_at: datetime, blocked_until: datetime) -> bool:
     return not Allocation.objects.filter(
         node_id=node_id, starts_at__lt=blocked_until, blocked_until__gt=starts_at

@@ -1,8 +1,9 @@
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -39,6 +40,7 @@ def planned_operation_record(
 # Every write the scheduler makes to the database is here, each in its own short transaction:
 # the scheduler claims in one, calls the cluster with no transaction open, and records here.
 
+logger = logging.getLogger(__name__)
 SCHEDULER = Actor.task("scheduler")
 Event = ReservationEvent
 
@@ -359,33 +361,66 @@ def reservation_end_notice_record(*, reservation_id, now: datetime) -> PoolNotic
     return notice
 
 
-def reservation_nodes_withdrawn_notice(*, actor: Actor, holds: list, what: str, now: datetime) -> None:
-    """Tell each tenant whose booking holds one of these nodes that ops took it out of service
-    (``what``: how, e.g. "retired"), and what happens next. One notice per reservation, rewritten to
-    the latest change; not posted to the cluster (a booking that has not started has no namespace)."""
-    by_reservation: dict = {}
-    for hold in holds:
-        by_reservation.setdefault(hold.reservation_id, set()).add(hold.node_name)
-    for reservation_id, names in by_reservation.items():
-        with transaction.atomic():
-            reservation = Reservation.objects.select_for_update().get(pk=reservation_id)
-            started = reservation.status not in (S.PENDING, S.CONFIRMED)
-            next_step = (
-                "It is swapped for a free node of the same model; while none is free your pool runs without it, "
-                "degraded, and the missing node's time is not billed." if started else
-                "Before your pool is built it is replaced by a free node of the same model; if none is free your "
-                "pool runs without it, degraded, and the missing node's time is not billed."
+NOTICED_STATUSES = (S.PENDING, S.CONFIRMED, S.PROVISIONING, S.ACTIVE, S.DEGRADED)
+
+
+def reservation_withdrawn_nodes_notice_refresh(*, actor: Actor, reservation_ids, now: datetime) -> None:
+    """Bring each reservation's notice of its booked nodes that ops took out of service up to date.
+
+    Level-based: the notice lists every node of the booking that is out of service now, or has
+    maintenance planned in what is left of the window, whatever change triggered it; once none is
+    left it says they are back. Called after the node change has committed (best effort: the change
+    stands whatever happens here, and the next change refreshes the notice again).
+    """
+    for reservation_id in sorted({str(pk) for pk in reservation_ids}):
+        try:
+            _refresh_withdrawn_nodes_notice(actor=actor, reservation_id=reservation_id, now=now)
+        except Exception:  # noqa: BLE001 - a notice must not turn a committed change into an error
+            logger.exception("could not refresh the withdrawn-nodes notice of reservation %s", reservation_id)
+
+
+def _refresh_withdrawn_nodes_notice(*, actor: Actor, reservation_id, now: datetime) -> None:
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
+        if reservation is None or reservation.status not in NOTICED_STATUSES:
+            return  # over, or being released: nothing of it is still to come
+        allocations = list(reservation.allocations.filter(state=Allocation.State.ACTIVE).select_related("node")
+                           .order_by("node__name"))
+        windows = selectors.maintenance_spans(node_ids=[a.node_id for a in allocations],
+                                              starts_at=max(now, reservation.starts_at), ends_at=reservation.ends_at)
+        withdrawn = []
+        for allocation in allocations:
+            node = allocation.node
+            if node.status != Node.Status.AVAILABLE:
+                withdrawn.append(f"{node.name} ({node.get_status_display().lower()})")
+            elif node.pk in windows:
+                first, last = windows[node.pk]
+                withdrawn.append(f"{node.name} (maintenance {first.astimezone(UTC):%Y-%m-%d %H:%M} – "
+                                 f"{last.astimezone(UTC):%Y-%m-%d %H:%M} UTC)")
+        notice = PoolNotice.objects.select_for_update().filter(
+            reservation=reservation, kind=PoolNotice.Kind.NODE_WITHDRAWN).first()
+        if withdrawn:
+            message = (
+                f"Ops have taken node(s) of this reservation out of service: {'; '.join(withdrawn)}. The scheduler "
+                "replaces such a node with a free one of the same model; while none is free the pool runs without "
+                "it, degraded, and its time is not billed (a node whose maintenance is still ahead serves until it "
+                "begins). If no booked node can serve when the window starts, the reservation fails and nothing is "
+                "billed."
             )
-            message = (f"Ops took node(s) {', '.join(sorted(names))} of this reservation out of service ({what}) at "
-                       f"{now:%Y-%m-%d %H:%M} UTC. {next_step}")
-            notice, created = PoolNotice.objects.select_for_update().get_or_create(
-                reservation=reservation, kind=PoolNotice.Kind.NODE_WITHDRAWN,
-                defaults={"message": message, "created_at": now})
-            if not created:
-                notice.message, notice.created_at = message, now
-                notice.save(update_fields=["message", "created_at"])
-            audit_record(actor=actor, action="reservation.node_withdrawn_notice", obj=reservation,
-                         tenant_id=reservation.tenant_id, after={"message": message})
+        elif notice is None:
+            return
+        else:
+            message = "The nodes of this reservation that ops had taken out of service are back in service."
+        if notice is not None and notice.message == message:
+            return
+        if notice is None:
+            PoolNotice.objects.create(reservation=reservation, kind=PoolNotice.Kind.NODE_WITHDRAWN, message=message,
+                                      created_at=now)
+        else:
+            notice.message, notice.created_at = message, now
+            notice.save(update_fields=["message", "created_at"])
+        audit_record(actor=actor, action="reservation.node_withdrawn_notice", obj=reservation,
+                     tenant_id=reservation.tenant_id, after={"message": message})
 
 
 def pool_notice_mark_posted(*, notice_id, now: datetime) -> None:

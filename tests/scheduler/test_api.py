@@ -90,32 +90,61 @@ def test_ops_see_overdue_events_and_failures_and_retry(api_client_for, staff_use
 
 
 @pytest.mark.django_db
-def test_a_tenant_is_told_when_ops_take_a_booked_node_out_of_service(api, client, tenant, member, plan_cluster,
-                                                                     staff_user):
-    # given a booking of the tenant that has not started
+def test_a_tenant_is_told_which_booked_nodes_ops_took_out_of_service_until_they_are_back(
+        api, client, tenant, member, plan_cluster, staff_user):
+    # given a booking of two nodes of the tenant that has not started
     from marketplace.core.models import AuditLog
     from marketplace.core.services import Actor
     from marketplace.inventory import services as inventory
     from marketplace.inventory.models import Node
 
+    ops = Actor.for_user(staff_user)
+    reservation = book(tenant=tenant, cluster=plan_cluster, starts_at=timezone.now() + timedelta(hours=2))
+    first, second = [allocation.node for allocation in reservation.allocations.order_by("node__name")]
+
+    def notices():
+        body = api.get(f"/api/v1/pools/{reservation.pk}/").json()
+        assert body["end_notice"] == []  # the end notice is another kind
+        return [notice["message"] for notice in body["notices"]]
+
+    # when ops retire one node with force, then the notice names it and says what happens next
+    inventory.node_bulk_set_status(actor=ops, node_ids=[first.pk], status=Node.Status.RETIRED, force=True)
+    [message] = notices()
+    assert f"{first.name} (retired)" in message and "replaces such a node with a free one" in message
+    # and the tenant's pool page shows it, and its audit log says who
+    client.force_login(member)
+    assert f"{first.name} (retired)" in client.get(f"/pools/{reservation.pk}/").content.decode()
+    assert AuditLog.objects.get(action="reservation.node_withdrawn_notice").actor == f"user:{staff_user.username}"
+    # when ops also plan maintenance of the other one in the window (times given in another offset),
+    # then the one notice names both, with the maintenance in UTC
+    starts = (reservation.starts_at + timedelta(hours=1)).astimezone(timezone.get_fixed_timezone(120))
+    inventory.maintenance_window_create(actor=ops, node=second, starts_at=starts, ends_at=starts + timedelta(hours=1),
+                                        force=True)
+    [message] = notices()
+    utc = reservation.starts_at + timedelta(hours=1)
+    assert f"{first.name} (retired)" in message
+    assert f"{second.name} (maintenance {utc:%Y-%m-%d %H:%M} – {utc + timedelta(hours=1):%Y-%m-%d %H:%M} UTC)" in message
+    # when the same status is set again, nothing is written
+    rows = AuditLog.objects.filter(action="reservation.node_withdrawn_notice").count()
+    inventory.node_bulk_set_status(actor=ops, node_ids=[first.pk], status=Node.Status.RETIRED, force=True)
+    assert AuditLog.objects.filter(action="reservation.node_withdrawn_notice").count() == rows
+    # when ops undo both, then the notice says the nodes are back
+    inventory.node_bulk_set_status(actor=ops, node_ids=[first.pk], status=Node.Status.AVAILABLE)
+    window = second.maintenance_windows.get()
+    inventory.maintenance_window_cancel(actor=ops, window_id=window.pk)
+    assert notices() == ["The nodes of this reservation that ops had taken out of service are back in service."]
+
+
+@pytest.mark.django_db
+def test_a_cancelled_booking_gets_no_notice(api, tenant, plan_cluster, staff_user):
+    from marketplace.core.services import Actor
+    from marketplace.inventory import services as inventory
+    from marketplace.inventory.models import Node
+    from marketplace.reservations import services as reservations
+
     reservation = book(tenant=tenant, cluster=plan_cluster, starts_at=timezone.now() + timedelta(hours=2))
     node = reservation.allocations.first().node
-    # when ops retire one of its nodes with force, and plan maintenance of it too
-    inventory.node_bulk_set_status(actor=Actor.for_user(staff_user), node_ids=[node.pk],
-                                   status=Node.Status.RETIRED, reason="bad DIMM", force=True)
-    # then its pool's notices say which node, why and what happens next; the end notice is untouched
-    body = api.get(f"/api/v1/pools/{reservation.pk}/").json()
-    [notice] = body["notices"]
-    assert notice["kind"] == "node_withdrawn" and body["end_notice"] == []
-    assert node.name in notice["message"] and "now retired: bad DIMM" in notice["message"]
-    assert "replaced by a free node of the same model" in notice["message"]
-    # and its pool page shows it, and its audit log says who
-    client.force_login(member)
-    assert "bad DIMM" in client.get(f"/pools/{reservation.pk}/").content.decode()
-    row = AuditLog.objects.get(action="reservation.node_withdrawn_notice")
-    assert row.tenant_id == tenant.pk and row.actor == f"user:{staff_user.username}"
-    # and a later change rewrites the one notice
-    inventory.maintenance_window_create(actor=Actor.for_user(staff_user), node=node, starts_at=reservation.starts_at,
-                                        ends_at=reservation.starts_at + timedelta(hours=1), force=True)
-    [notice] = api.get(f"/api/v1/pools/{reservation.pk}/").json()["notices"]
-    assert "maintenance" in notice["message"] and "bad DIMM" not in notice["message"]
+    reservations.reservation_cancel(actor=Actor.task("t"), reservation=reservation)
+    inventory.node_bulk_set_status(actor=Actor.for_user(staff_user), node_ids=[node.pk], status=Node.Status.RETIRED,
+                                   force=True)
+    assert api.get(f"/api/v1/pools/{reservation.pk}/").json()["notices"] == []
