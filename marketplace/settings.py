@@ -41,7 +41,7 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if IS_PRODUCTION else ["127
 # In a cluster the kubelet's probes and Prometheus's scrape address the pod by its IP (deploy/app.yaml
 # passes it in): without it every probe was a 400 and no pod ever became ready.
 if POD_IP := env.str("POD_IP", default=""):
-    ALLOWED_HOSTS.append(POD_IP)
+    ALLOWED_HOSTS.append(f"[{POD_IP}]" if ":" in POD_IP else POD_IP)  # an IPv6 host is written in brackets
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 SECURE_COOKIES = env.bool("SECURE_COOKIES", default=IS_PRODUCTION)

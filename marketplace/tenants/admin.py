@@ -33,11 +33,12 @@ class ApiTokenAdmin(AuditedAdminMixin, admin.ModelAdmin):
     audit_exclude = ("key_hash",)
     actions = ["revoke"]
 
-    @admin.action(description="Revoke selected tokens (a leaked secret, say)")
+    @admin.action(description="Revoke selected tokens (a leaked secret, say)", permissions=["change"])
     def revoke(self, request, queryset):
-        for token in queryset.filter(revoked_at__isnull=True).select_related("tenant"):
+        live = list(queryset.filter(revoked_at__isnull=True).select_related("tenant"))
+        for token in live:
             services.api_token_revoke(actor=Actor.for_user(request.user), token_id=token.pk, tenant=token.tenant)
-        self.message_user(request, "Selected tokens revoked.")
+        self.message_user(request, f"{len(live)} token(s) revoked.")
     list_select_related = ["user", "tenant"]
 
     def has_add_permission(self, request):

@@ -124,6 +124,7 @@ def test_admin_revokes_a_users_token_with_an_action_and_audits_it(client):
     # when they revoke it with the admin action
     client.post("/admin/tenants/apitoken/", {"action": "revoke", "_selected_action": [token.pk]})
     # then it is revoked, and the tenant's audit log says who did it
+    assert "1 token(s) revoked." in client.get("/admin/tenants/apitoken/").content.decode()
     token.refresh_from_db()
     assert token.revoked_at is not None
     row = AuditLog.objects.get(action="api_token.revoke", object_id=str(token.pk))
@@ -164,3 +165,21 @@ def test_admin_status_action_refuses_booked_nodes(client):
     # then nothing changes and the booked node is named
     assert booked.name in response.content.decode()
     assert set(Node.objects.values_list("status", flat=True)) == {"available"}
+
+
+@pytest.mark.django_db
+def test_staff_who_may_only_view_tokens_cannot_revoke_them(client):
+    from django.contrib.auth.models import Permission
+
+    from marketplace.tenants.models import ApiToken
+    from tests.factories import MembershipFactory
+
+    membership = MembershipFactory()
+    token = ApiToken.objects.create(user=membership.user, tenant=membership.tenant, name="ci", prefix="gpm_abd",
+                                    key_hash="d" * 64)
+    viewer = UserFactory(is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_apitoken"))
+    client.force_login(viewer)
+    client.post("/admin/tenants/apitoken/", {"action": "revoke", "_selected_action": [token.pk]})
+    token.refresh_from_db()
+    assert token.revoked_at is None

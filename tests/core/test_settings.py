@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PRINT_SETTINGS = (
@@ -76,17 +78,18 @@ def test_the_marketplace_currency_is_an_iso_code():
     assert result.returncode != 0 and "MARKETPLACE_DEFAULT_CURRENCY must be a three-letter" in result.stderr
 
 
-def test_the_pods_own_ip_is_an_allowed_host_for_probes_and_scrapes():
+@pytest.mark.parametrize(("pod_ip", "host"), [("10.1.2.3", "10.1.2.3:8000"), ("fd00::5", "[fd00::5]:8000")])
+def test_the_pods_own_ip_is_an_allowed_host_for_probes_and_scrapes(pod_ip, host):
     # given production as deploy/app.yaml runs it: one public host, and the pod's IP passed in
     probe = subprocess.run(
         [sys.executable, "-c", "import django; django.setup(); from django.test import Client; c = Client(); "
-         "print(c.get('/healthz', HTTP_HOST='10.1.2.3:8000').status_code, "
+         f"print(c.get('/healthz', HTTP_HOST='{host}').status_code, "
          "c.get('/healthz', HTTP_HOST='elsewhere.example').status_code)"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={**{k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "DEBUG", "ALLOWED_HOSTS"}},
              "DJANGO_SETTINGS_MODULE": "marketplace.settings", "DJANGO_ENV": "production",
              "SECRET_KEY": "a-long-random-production-secret", "ALLOWED_HOSTS": "gpu-marketplace.example.com",
-             "POD_IP": "10.1.2.3", "BEHIND_TLS_PROXY": "true"})
+             "POD_IP": pod_ip, "BEHIND_TLS_PROXY": "true"})
     # then the kubelet's probe by IP is answered, and any other host is still refused
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().splitlines()[-1] == "200 400"
