@@ -223,8 +223,8 @@ def _instant(reservation: Reservation) -> tuple[datetime, datetime]:
 def _unusable_for(reservation: Reservation, allocations: list, *, during: tuple[datetime, datetime]) -> list:
     """The allocations whose node cannot serve the booking ``during`` that period: taken out of
     service or marked unhealthy since the booking, or with maintenance planned (with force) in it."""
-    in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations],
-                                                starts_at=during[0], ends_at=during[1])
+    in_maintenance = selectors.maintenance_spans(node_ids=[a.node_id for a in allocations],
+                                                 starts_at=during[0], ends_at=during[1])
     return [a for a in allocations
             if a.node.status != Node.Status.AVAILABLE or a.node.health == Node.Health.UNHEALTHY
             or a.node_id in in_maintenance]
@@ -343,10 +343,7 @@ def release(reservation_id, *, drivers: Drivers = driver_for) -> Step:
                     if driver.kind == "plan" or _still_to_drain(reservation, state)]
         if driver.kind != "plan":
             # Nodes swapped out whose drain a reconcile had not finished still carry the pool's label.
-            label = manifests.pool_label_key(_prefix())
-            left = selectors.pool_nodes_left(reservation_id=reservation_id)
-            to_drain += [name for name, state in _existing(driver, [n for n in left if n not in current]).items()
-                         if state.labels.get(label) == reservation.pool_name]
+            to_drain += [name for name in _left_still_marked(driver, reservation) if name not in current]
         if to_drain:
             remaining = driver.drain_pool(pool_spec(reservation, to_drain), force=force)
             if remaining:
@@ -459,8 +456,8 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
         driver = drivers(reservation.cluster)
         observed = driver.observe_nodes([a.node.name for a in allocations]) if allocations else {}
         at, after = _instant(reservation)
-        in_maintenance = selectors.maintenance_ends(node_ids=[a.node_id for a in allocations], starts_at=at,
-                                                    ends_at=after)
+        in_maintenance = selectors.maintenance_spans(node_ids=[a.node_id for a in allocations], starts_at=at,
+                                                     ends_at=after)
         sick, observed_sick = [], set()
         for allocation in allocations:
             node = allocation.node
@@ -472,7 +469,7 @@ def heal(reservation_id, *, drivers: Drivers = driver_for) -> str:
             if node.pk in in_maintenance:
                 # Inside a maintenance window ops planned with force: the same.
                 sick.append((allocation, f"node is in planned maintenance until "
-                                         f"{in_maintenance[node.pk]:%Y-%m-%d %H:%M} UTC"))
+                                         f"{in_maintenance[node.pk][1]:%Y-%m-%d %H:%M} UTC"))
                 continue
             healthy, why = _node_healthy(driver, node, observed.get(node.name))
             if not healthy:
@@ -544,14 +541,11 @@ def _drain_nodes_that_left(driver: ClusterDriver, reservation: Reservation, *, j
             driver.drain_pool(pool_spec(reservation, just_swapped), force=False)
             driver.unlabel_pool(pool_spec(reservation, just_swapped))
         return
-    left = selectors.pool_nodes_left(reservation_id=reservation.pk)
-    label = manifests.pool_label_key(_prefix())
-    marked = {name: state for name, state in _existing(driver, list(left)).items()
-              if state.labels.get(label) == reservation.pool_name}
+    marked = _left_still_marked(driver, reservation)
     if not marked:
         return
     due = timezone.now() - settings.MARKETPLACE["DRAIN_GRACE_PERIOD"]
-    forced = sorted(name for name, state in marked.items() if not state.ready or left[name] <= due)
+    forced = sorted(name for name, (state, left_at) in marked.items() if not state.ready or left_at <= due)
     gentle = sorted(set(marked) - set(forced))
     remaining = sum(driver.drain_pool(pool_spec(reservation, names), force=force)
                     for names, force in ((forced, True), (gentle, False)) if names)
@@ -563,6 +557,15 @@ def _drain_nodes_that_left(driver: ClusterDriver, reservation: Reservation, *, j
         )
         return
     driver.unlabel_pool(pool_spec(reservation, sorted(marked)))
+
+
+def _left_still_marked(driver: ClusterDriver, reservation: Reservation) -> dict[str, tuple[NodeState, datetime]]:
+    """Nodes swapped out of the pool that still carry its label (not yet drained), with their
+    observed state and when they left the pool."""
+    left = selectors.pool_nodes_left(reservation_id=reservation.pk)
+    label = manifests.pool_label_key(_prefix())
+    return {name: (state, left[name]) for name, state in _existing(driver, list(left)).items()
+            if state.labels.get(label) == reservation.pool_name}
 
 
 def recheck_unhealthy_nodes(*, drivers: Drivers = driver_for) -> int:

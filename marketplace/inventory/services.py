@@ -148,19 +148,18 @@ def node_bulk_set_status(*, actor: Actor, node_ids: list[int], status: str, reas
             audit_record(actor=actor, action="node.status", obj=node, before=before,
                          after=snapshot(node, ["status"]), message=reason)
             changed.append(node.pk)
-    _notify_bookings(actor=actor, node_ids=changed, after=timezone.now())
+    if changed:  # out of service, or back in service
+        _notify_bookings(actor=actor, holds=selectors.allocations_holding(node_ids=changed, after=timezone.now()))
     return NodeStatusChange(nodes=nodes, affected_allocations=holds)
 
 
-def _notify_bookings(*, actor: Actor, node_ids: list[int], after: datetime, before: datetime | None = None) -> None:
-    """Refresh the notice of every booking of these nodes (out of service, or back in service).
+def _notify_bookings(*, actor: Actor, holds: list[selectors.AllocationHold]) -> None:
+    """Refresh the notice of every booking these holds belong to.
 
     After the change has committed, in transactions of its own: node rows are not held locked while
     reservations are locked (the scheduler locks a reservation, then the nodes it swaps in)."""
-    if node_ids:
-        holds = selectors.allocations_holding(node_ids=node_ids, after=after, before=before)
-        pools.reservation_withdrawn_nodes_notice_refresh(actor=actor, reservation_ids=[h.reservation_id for h in holds],
-                                                         now=timezone.now())
+    pools.reservation_withdrawn_nodes_notice_refresh(actor=actor, reservation_ids=[h.reservation_id for h in holds],
+                                                     now=timezone.now())
 
 
 def maintenance_window_create(*, actor: Actor, node: Node, starts_at: datetime, ends_at: datetime,
@@ -186,8 +185,7 @@ def maintenance_window_create(*, actor: Actor, node: Node, starts_at: datetime, 
         window.save()
         audit_record(actor=actor, action="maintenance_window.create", obj=window,
                      after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
-    if holds:
-        _notify_bookings(actor=actor, node_ids=[node.pk], after=starts_at, before=ends_at)
+    _notify_bookings(actor=actor, holds=holds)
     return window, holds
 
 
@@ -197,7 +195,8 @@ def maintenance_window_cancel(*, actor: Actor, window_id: int, reason: str = "")
         window = MaintenanceWindow.objects.select_for_update().filter(pk=window_id).first()
         if window is None:
             raise NotFound("No such maintenance window.")
-        if window.cancelled_at is None:
+        cancelled = window.cancelled_at is None
+        if cancelled:
             if window.ends_at <= timezone.now():
                 raise Conflict("This maintenance window is already over.", code="window_over")
             before = snapshot(window, WINDOW_AUDIT_FIELDS)
@@ -205,9 +204,7 @@ def maintenance_window_cancel(*, actor: Actor, window_id: int, reason: str = "")
             window.save(update_fields=["cancelled_at"])
             audit_record(actor=actor, action="maintenance_window.cancel", obj=window, before=before,
                          after=snapshot(window, WINDOW_AUDIT_FIELDS), message=reason)
-            cancelled = True
-        else:
-            cancelled = False
     if cancelled:
-        _notify_bookings(actor=actor, node_ids=[window.node_id], after=window.starts_at, before=window.ends_at)
+        _notify_bookings(actor=actor, holds=selectors.allocations_holding(
+            node_ids=[window.node_id], after=window.starts_at, before=window.ends_at))
     return window

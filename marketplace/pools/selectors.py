@@ -82,17 +82,6 @@ def swap_candidates(*, reservation: Reservation, failed_node: Node, starts_at: d
     return list(qs.order_by("name")[:limit])
 
 
-def maintenance_ends(*, node_ids: list[int], starts_at: datetime, ends_at: datetime) -> dict[int, datetime]:
-    """Nodes with a planned (not cancelled) maintenance window overlapping [starts_at, ends_at), and
-    when the last such window ends."""
-    ends: dict[int, datetime] = {}
-    for node_id, window_end in MaintenanceWindow.objects.filter(
-            node_id__in=node_ids, cancelled_at__isnull=True, starts_at__lt=ends_at, ends_at__gt=starts_at
-    ).values_list("node_id", "ends_at"):
-        ends[node_id] = max(window_end, ends.get(node_id, window_end))
-    return ends
-
-
 def maintenance_spans(*, node_ids: list[int], starts_at: datetime, ends_at: datetime) -> dict[int, tuple]:
     """Nodes with planned (not cancelled) maintenance overlapping [starts_at, ends_at): from the first
     such window's start to the last one's end."""

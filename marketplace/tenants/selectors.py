@@ -34,6 +34,12 @@ def membership_for(*, user: AbstractBaseUser, tenant: Tenant | None) -> Membersh
     return Membership.objects.filter(user=user, tenant=tenant).first()
 
 
+def member_can_write(*, user: AbstractBaseUser, tenant: Tenant | None) -> bool:
+    """The user is a member of the tenant whose role may change things (viewers change nothing)."""
+    membership = membership_for(user=user, tenant=tenant)
+    return membership is not None and membership.can_write
+
+
 def request_tenant(request) -> Tenant | None:
     """The tenant a request acts for: the token's tenant, else the session's chosen membership.
 

@@ -8,15 +8,14 @@ from django.views.decorators.http import require_POST
 from marketplace.core.exceptions import ServiceError
 from marketplace.core.services import Actor
 from marketplace.tenants import services
-from marketplace.tenants.selectors import api_tokens_of, members_of, membership_for
+from marketplace.tenants.selectors import api_tokens_of, member_can_write, members_of, membership_for
 from marketplace.web.forms import MemberAddForm, RoleForm, TokenCreateForm, add_service_error
 from marketplace.web.views import tenant_required
 
 
 @tenant_required
 def tokens(request, tenant):
-    membership = membership_for(user=request.user, tenant=tenant)
-    can_write = request.user.is_staff or (membership is not None and membership.can_write)
+    can_write = request.user.is_staff or member_can_write(user=request.user, tenant=tenant)
     if request.method == "POST" and not can_write:
         # Same rule as the API (HasTenant): viewers change nothing.
         raise PermissionDenied("Viewers cannot create API tokens; ask an owner of your tenant.")
@@ -40,8 +39,7 @@ def tokens(request, tenant):
 @tenant_required
 @require_POST
 def token_revoke(request, tenant, token_id: int):
-    membership = membership_for(user=request.user, tenant=tenant)
-    if not (request.user.is_staff or (membership is not None and membership.can_write)):
+    if not (request.user.is_staff or member_can_write(user=request.user, tenant=tenant)):
         # Same rule as the API (HasTenant): viewers change nothing.
         raise PermissionDenied("Viewers cannot revoke API tokens; ask an owner of your tenant.")
     try:

@@ -23,7 +23,7 @@ from marketplace.inventory.models import GpuModel, Region
 from marketplace.reservations import policies, selectors, services
 from marketplace.reservations.models import Reservation
 from marketplace.reservations.status import ReservationStatus
-from marketplace.tenants.selectors import membership_for, request_tenant
+from marketplace.tenants.selectors import member_can_write, request_tenant
 
 CALENDAR_DAYS = 7
 RESERVATIONS_PER_PAGE = 50
@@ -61,8 +61,7 @@ def _writer(request, tenant):
     if tenant is None:
         # Staff without a membership are ops: they act for no tenant here (the ops pages are theirs).
         raise PermissionDenied("You act for no tenant, so there is nothing of yours to change here.")
-    membership = membership_for(user=request.user, tenant=tenant)
-    if membership is None or not membership.can_write:
+    if not member_can_write(user=request.user, tenant=tenant):
         raise PermissionDenied("Viewers cannot change anything; ask an owner of your tenant.")
 
 
@@ -166,10 +165,9 @@ def reservation_detail(request, reservation_id):
     except ServiceError as exc:
         messages.error(request, exc.message)
         return redirect("web:reservation-list")
-    membership = membership_for(user=request.user, tenant=tenant)
     return render(request, "web/reservations/detail.html", {
         "reservation": reservation, "nodes": selectors.reservation_node_names(reservation),
-        "can_write": membership is not None and membership.can_write,
+        "can_write": member_can_write(user=request.user, tenant=tenant),
         "events": reservation.events.order_by("due_at"),
         # After a refused extension the form keeps the end that was asked for.
         "extend_form": ExtendForm(initial={"end": request.GET.get(EXTEND_END) or reservation.ends_at}),

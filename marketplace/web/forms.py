@@ -7,11 +7,17 @@ from marketplace.tenants.models import Membership
 BIGGEST_ID = 2**63 - 1  # a bigint primary key; a larger number is no row, not a database error
 
 
+def row_id(value) -> int | None:
+    """A submitted id as a primary key can be (a whole number up to a bigint), else None: a larger
+    number is no row, not a database error."""
+    text = str(value).strip()
+    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) <= BIGGEST_ID else None
+
+
 def _row_ids(values) -> list:
     """The submitted ids, refused (as an unknown choice) unless each is a whole number a primary key can be."""
     for value in values:
-        text = str(value).strip()
-        if not (text.isascii() and text.isdigit() and 0 < int(text) <= BIGGEST_ID):
+        if row_id(value) is None:
             raise forms.ValidationError("Select a valid choice. %(value)s is not one of the available choices.",
                                         code="invalid_choice", params={"value": value})
     return values

@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 
 from marketplace.inventory.selectors import FLEET_STATES, fleet_gpu_counts, fleet_utilisation
 from marketplace.tenants.selectors import SESSION_TENANT_KEY, memberships_for_user, request_tenant
-from marketplace.web.forms import BIGGEST_ID
+from marketplace.web.forms import row_id
 
 
 def staff_required(view):
@@ -56,9 +56,7 @@ def dashboard(request):
 @require_POST
 def tenant_switch(request):
     """The tenant switcher: the session acts for one of the user's memberships at a time."""
-    text = request.POST.get("tenant", "").strip()
-    # Only a number a primary key can be: a larger one is no tenant, not a database error.
-    tenant_id = int(text) if text.isascii() and text.isdigit() and int(text) <= BIGGEST_ID else None
+    tenant_id = row_id(request.POST.get("tenant", ""))
     membership = memberships_for_user(user=request.user).filter(tenant_id=tenant_id).first()
     if membership is None:
         messages.error(request, "You are not a member of that tenant.")
