@@ -2,11 +2,16 @@
 
 import hashlib
 import json
+import logging
+import math
+import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import IntegrityError, OperationalError, ProgrammingError, connection, connections, transaction
 from django.utils import timezone
 
 from marketplace.core.db import fetch_prepared
@@ -21,6 +26,7 @@ from marketplace.reservations.status import HOLDING, ReservationStatus, can_tran
 from marketplace.tenants.models import Tenant
 
 S = ReservationStatus
+logger = logging.getLogger(__name__)
 
 
 class IllegalTransition(Conflict):
@@ -197,12 +203,18 @@ def _is_idempotency_race(exc: IntegrityError) -> bool:
 CONFIRMED_REASON = "nodes allocated"
 
 
+def _create_audit_request(*, model_name: str, gpus: int, start: datetime, end: datetime, enforce: bool) -> dict:
+    """The part of a booking's audit record that the request decides (the placement is the other)."""
+    return {"gpu_model": model_name, "gpus": gpus, "start": start.isoformat(), "end": end.isoformat(),
+            "policies_enforced": enforce}
+
+
 def _create_audit_after(*, model_name: str, gpus: int, offer: selectors.Offer, node_ids: list[int], start: datetime,
                         end: datetime, enforce: bool) -> dict:
-    return {
-        "gpu_model": model_name, "gpus": gpus, "cluster": offer.cluster, "nodes": node_ids,
-        "start": start.isoformat(), "end": end.isoformat(), "unit_price": str(offer.unit_price),
-        "total_price": str(offer.total_price), "currency": offer.currency, "policies_enforced": enforce,
+    # The booking function on PostgreSQL adds the same placement keys in SQL (_BOOK_FUNCTION_BODY).
+    return _create_audit_request(model_name=model_name, gpus=gpus, start=start, end=end, enforce=enforce) | {
+        "cluster": offer.cluster, "nodes": node_ids, "unit_price": str(offer.unit_price),
+        "total_price": str(offer.total_price), "currency": offer.currency,
     }
 
 
@@ -229,10 +241,18 @@ def reservation_create(
     policies.check_window(start=start, end=end, enforce=enforce_policies, now=now)
     # PostgreSQL's path looks the model and region up in its first statement; the portable one with the ORM.
     book_once = _book_once_postgresql if connection.vendor == "postgresql" else _book_once_portable
+    one_call = connection.vendor == "postgresql"
 
     attempts = settings.MARKETPLACE["BOOKING_RETRIES"] + 1
     for attempt in range(attempts):
         try:
+            if one_call:
+                if booked := _book_in_one_call(
+                        actor=actor, tenant=tenant, model_name=gpu_model, region_code=region or None, gpus=gpus,
+                        start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
+                        fingerprint=fingerprint, enforce=enforce_policies):
+                    return booked
+                one_call = False  # Python's policies decide, in the two-statement path
             with transaction.atomic():
                 try:
                     return book_once(
@@ -314,7 +334,9 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # --- booking on PostgreSQL in two prepared statements -------------------------------------------------
 #
 # The same booking as the portable path above, with the round trips folded and the planning paid
-# once per connection (core.db.fetch_prepared): (1) lock the tenant row, look up the model and
+# once per connection (core.db.fetch_prepared). Most bookings run both statements in one call of the
+# booking function (further below); this path books what the function leaves to Python's decisions
+# (refusals, the walk's giving up, a price not yet seen). (1) lock the tenant row, look up the model and
 # region, read the priced clusters and, in the cheapest one, pick and lock the nodes of the first
 # topology domain that has enough free ones (further clusters, if it has none, one statement each);
 # (2) insert the reservation, its allocations, due events and audit rows in one statement that also
@@ -388,7 +410,7 @@ CROSS JOIN LATERAL (
 ) d
 CROSS JOIN LATERAL (SELECT d.lowest + floor(random() * (d.highest - d.lowest + 1))::bigint AS id) first_node
 CROSS JOIN LATERAL (
-  SELECT array_agg(free.id) AS ids FROM (
+  SELECT array_agg(free.id ORDER BY free.id) AS ids FROM (  -- sorted: one global order of inserts
     SELECT id FROM (
       SELECT id FROM ({free} AND n.id >= first_node.id
                       ORDER BY n.id LIMIT t.nodes FOR NO KEY UPDATE OF n SKIP LOCKED) from_first
@@ -453,14 +475,9 @@ LEFT JOIN pick ON true
 
 HOLDING_SQL = ", ".join(f"'{status}'" for status in sorted(HOLDING))  # literals: the partial index matches
 
-# Everything a booking writes, in one statement; the main SELECT reads the most GPUs the tenant
-# already holds at one instant of the window, for the quota check (policies.held_peak_gpus in SQL:
-# periods clipped to the window, a running sum over their edges, ends before starts at the same
-# instant). It runs after the tenant lock, so it sees every committed booking of the tenant, and not
-# this one. Audit rows keep their order (create, then the transition). The window test is a range
-# overlap, which the status index cannot serve: with a plain starts_at condition the generic plan
-# ANDs in a scan of that index over every holding reservation of the fleet.
-_INSERT_BOOKING_SQL = """
+# Everything a booking writes, as the data-modifying CTEs of one statement. Audit rows keep their
+# order (create, then the transition).
+_WRITE_BOOKING_CTES = """
 WITH reservation AS (
   INSERT INTO reservations_reservation (id, tenant_id, created_by_id, gpu_model_id, cluster_id, gpus, same_domain,
       starts_at, ends_at, status, status_reason, status_changed_at, currency, unit_price, total_price,
@@ -488,7 +505,15 @@ WITH reservation AS (
   FROM jsonb_array_elements(%(audit)s::jsonb) WITH ORDINALITY AS a(row, n)
   ORDER BY a.n
 )
-SELECT COALESCE(max(held), 0) FROM (
+"""
+
+# The most GPUs the tenant already holds at one instant of the window, for the quota check
+# (policies.held_peak_gpus in SQL: periods clipped to the window, a running sum over their edges,
+# ends before starts at the same instant). It runs after the tenant lock, so it sees every committed
+# booking of the tenant, and not this one. The window test is a range overlap, which the status index
+# cannot serve: with a plain starts_at condition the generic plan ANDs in a scan of that index over
+# every holding reservation of the fleet.
+_HELD_PEAK_SQL = """SELECT COALESCE(max(held), 0) FROM (
   SELECT sum(edge.gpus) OVER (ORDER BY edge.at, edge.gpus ROWS UNBOUNDED PRECEDING) AS held
   FROM reservations_reservation r
   CROSS JOIN LATERAL (VALUES (greatest(r.starts_at, %(start)s::timestamptz), r.gpus),
@@ -496,9 +521,168 @@ SELECT COALESCE(max(held), 0) FROM (
   WHERE r.tenant_id = %(tenant)s::bigint AND r.status IN ({HOLDING_SQL}) AND r.ends_at > %(start)s::timestamptz
     AND tstzrange(r.starts_at, r.ends_at, '[)') && tstzrange(%(start)s::timestamptz, %(end)s::timestamptz, '[)')
 ) edges
-""".replace("{HOLDING_SQL}", HOLDING_SQL).replace("{ALLOCATION_ACTIVE}", Allocation.State.ACTIVE.value).replace(
+""".replace("{HOLDING_SQL}", HOLDING_SQL)
+_WRITE_BOOKING_CTES = _WRITE_BOOKING_CTES.replace("{ALLOCATION_ACTIVE}", Allocation.State.ACTIVE.value).replace(
     "{EVENT_PENDING}", ReservationEvent.Status.PENDING.value).replace("{EVENT_ROWS}", ", ".join(
         f"('{kind.value}', %(due_{kind.value})s::timestamptz)" for kind in ReservationEvent.Kind))
+# The two-statement path writes and reads the held peak in one statement (its main SELECT).
+_INSERT_BOOKING_SQL = _WRITE_BOOKING_CTES + _HELD_PEAK_SQL
+
+
+# --- booking on PostgreSQL in one call -------------------------------------------------------------
+#
+# Most bookings need none of the Python decisions between the two statements above: the model and
+# region exist, the GPUs make whole nodes, the tenant may book and has quota left, the walk found the
+# nodes, and the price is one this process has already priced. For them the two statements run inside
+# one PL/pgSQL function, in one round trip: outside a transaction block, as a transaction of its own
+# (no BEGIN and COMMIT round trips), inside one, under a savepoint. Each of the function's statements
+# takes a new snapshot, so the idempotency check and the held peak, read after the tenant lock, see
+# every committed booking of the tenant, as they do in the two-statement path.
+#
+# The function decides only "book now": when any check does not pass it writes nothing and says
+# "decide", and reservation_create runs the two-statement path, whose policies refuse with their own
+# messages or book. Its checks mirror Tenant.can_book and policies.check_quota (the good standing
+# comes in as a parameter), and the policy tests on PostgreSQL go through it. The money rule stays in
+# Python (money.reservation_total): the caller passes the totals for the unit prices it has seen for
+# the model; a price it has not seen comes back as "price", and the caller prices it and calls again.
+#
+# The function's name carries a hash of its text, so code and function cannot drift apart: `migrate`
+# installs the current one (post_migrate, see apps.py) and drops the others; a process whose function
+# is missing (a deploy whose migrate has not run yet) books the two-statement way and logs it.
+
+def _plpgsql(sql: str) -> str:
+    """A statement's %(name)s placeholders as the booking function's p_name variables."""
+    return re.sub(r"%\((\w+)\)s", r"p_\1", sql).replace("%%", "%")
+
+
+_BOOK_FUNCTION_BODY = """(
+  p_tenant bigint, p_model_name text, p_gpus int, p_region_code text, p_default_currency text, p_start timestamptz,
+  p_end timestamptz, p_padded_end timestamptz, p_id uuid, p_created_by int, p_same_domain bool, p_status text,
+  p_status_reason text, p_now timestamptz, p_idempotency_key text, p_fingerprint text, {EVENT_ARGUMENTS},
+  p_audit_request jsonb, p_enforce bool, p_good_standing text, p_unit_prices numeric[], p_totals numeric[])
+RETURNS TABLE (outcome text, model_id bigint, cluster_id bigint, unit_price numeric, currency text,
+               total_price numeric)
+LANGUAGE plpgsql VOLATILE AS $booking$
+#variable_conflict use_column
+-- (the statements' unqualified column names win over the OUT columns of the same names)
+DECLARE
+  p_slug text; p_billing_status text; p_quota int; p_is_active bool; p_model bigint; p_vendor text;
+  p_memory_gb int; p_gpus_per_node int; p_region bigint; p_cluster bigint; p_cluster_name text;
+  p_cluster_region text; p_unit_price numeric; p_currency text; p_domain text; p_nodes bigint[];
+  p_blocked_until timestamptz := p_padded_end; p_total_price numeric; p_audit jsonb; p_written int;
+BEGIN
+  {PICK}
+  INTO p_slug, p_billing_status, p_quota, p_is_active, p_model, p_vendor, p_memory_gb, p_gpus_per_node, p_region,
+       p_cluster, p_cluster_name, p_cluster_region, p_unit_price, p_currency, p_domain, p_nodes;
+  outcome := 'decide';
+  IF NOT FOUND OR p_nodes IS NULL THEN RETURN NEXT; RETURN; END IF;
+  -- Nested IFs: a condition with a subquery runs through the executor even when its first part is false.
+  IF p_idempotency_key <> '' THEN
+    IF EXISTS (SELECT 1 FROM reservations_reservation
+               WHERE tenant_id = p_tenant AND idempotency_key = p_idempotency_key) THEN RETURN NEXT; RETURN; END IF;
+  END IF;
+  IF p_enforce THEN
+    IF NOT (p_is_active AND p_billing_status = p_good_standing) THEN RETURN NEXT; RETURN; END IF;
+    IF ({HELD_PEAK}) + p_gpus > p_quota THEN RETURN NEXT; RETURN; END IF;
+  END IF;
+  p_total_price := p_totals[array_position(p_unit_prices, p_unit_price)];
+  IF p_total_price IS NULL THEN
+    outcome := 'price'; unit_price := p_unit_price; RETURN NEXT; RETURN;
+  END IF;
+  p_audit := jsonb_build_array(
+    jsonb_set(p_audit_request->0, '{after}', (p_audit_request->0->'after') || jsonb_build_object(
+      'cluster', p_cluster_name, 'nodes', to_jsonb(p_nodes), 'unit_price', p_unit_price::text,
+      'total_price', p_total_price::text, 'currency', p_currency)),
+    p_audit_request->1);
+  {WRITE} SELECT 1 INTO p_written;
+  outcome := 'booked'; model_id := p_model; cluster_id := p_cluster; unit_price := p_unit_price;
+  currency := p_currency; total_price := p_total_price;
+  RETURN NEXT;
+END
+$booking$""".replace("{EVENT_ARGUMENTS}", ", ".join(
+    f"p_due_{kind.value} timestamptz" for kind in ReservationEvent.Kind)).replace(
+    "{PICK}", _plpgsql(_TENANT_PRICES_AND_PICK_SQL).strip()).replace(
+    "{HELD_PEAK}", _plpgsql(_HELD_PEAK_SQL).strip()).replace("{WRITE}", _plpgsql(_WRITE_BOOKING_CTES).strip())
+BOOK_FUNCTION = "reservation_book_" + hashlib.sha256(_BOOK_FUNCTION_BODY.encode()).hexdigest()[:12]
+_BOOK_CALL_SQL = f"SELECT * FROM {BOOK_FUNCTION}(" + ", ".join(
+    f"%({name})s::{type_}" for name, type_ in re.findall(
+        r"\bp_(\w+) ([\w\[\]]+)", _BOOK_FUNCTION_BODY[:_BOOK_FUNCTION_BODY.index(")")])
+) + ")"
+
+# Unit prices this process has priced, per GPU model (newest last, a few per model): the totals the
+# booking function may use. Prices change rarely; an unseen one costs one more call.
+_SEEN_UNIT_PRICES: dict[str, tuple[Decimal, ...]] = {}
+_SEEN_UNIT_PRICES_PER_MODEL = 16
+# When this process last found the function missing: it books the two-statement way for a while,
+# rather than paying a failed call on every booking until the deploy's migrate has run.
+_book_function_missing_at = -math.inf
+_BOOK_FUNCTION_RECHECK_SECONDS = 60
+
+
+def booking_function_install(*, using: str = "default") -> str:
+    """Install this code's booking function on PostgreSQL and drop the others; returns its name."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"CREATE OR REPLACE FUNCTION {BOOK_FUNCTION}{_BOOK_FUNCTION_BODY}")
+        cursor.execute("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace "
+                       "WHERE s.nspname = current_schema() AND p.proname LIKE 'reservation\\_book\\_%%' "
+                       "AND p.proname <> %s", [BOOK_FUNCTION])
+        for (older,) in cursor.fetchall():
+            cursor.execute(f"DROP FUNCTION IF EXISTS {older}")
+    return BOOK_FUNCTION
+
+
+def _is_missing_function(exc: ProgrammingError) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == "42883" and BOOK_FUNCTION in str(exc)
+
+
+def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
+                      start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
+                      enforce: bool) -> BookingResult | None:
+    """The booking in one call of the booking function, or None if Python's policies must decide."""
+    global _book_function_missing_at
+    if time.monotonic() - _book_function_missing_at < _BOOK_FUNCTION_RECHECK_SECONDS:
+        return None
+    # The placement columns are filled in from the function's answer.
+    reservation = _confirmed_reservation(actor=actor, tenant=tenant, gpus=gpus, same_domain=same_domain, start=start,
+                                         end=end, idempotency_key=idempotency_key, fingerprint=fingerprint)
+    audit = _booking_audit(actor=actor, reservation=reservation, after=_create_audit_request(
+        model_name=model_name, gpus=gpus, start=start, end=end, enforce=enforce))
+    params = _booking_row_params(reservation) | {
+        "model_name": model_name, "region_code": region_code, "padded_end": end + selectors.cleaning_gap(),
+        "default_currency": settings.MARKETPLACE["DEFAULT_CURRENCY"], "audit_request": json.dumps(audit),
+        "enforce": enforce, "good_standing": Tenant.BillingStatus.GOOD.value,
+    }
+    for _ in range(2):
+        # A tuple, replaced whole when a price is added: threads of one process share it.
+        prices = _SEEN_UNIT_PRICES.get(model_name, ())
+        # As array literals (text), as _book_once_postgresql sends the nodes: an empty list would go
+        # with another type, and the connection would prepare the call a second time.
+        params["unit_prices"] = "{" + ",".join(map(str, prices)) + "}"
+        params["totals"] = "{" + ",".join(
+            str(money.reservation_total(unit_price=price, gpus=gpus, duration=end - start)) for price in prices) + "}"
+        try:
+            if connection.in_atomic_block:
+                with transaction.atomic():
+                    [answer] = fetch_prepared(_BOOK_CALL_SQL, params)
+            else:
+                [answer] = fetch_prepared(_BOOK_CALL_SQL, params)  # a transaction of its own
+        except ProgrammingError as exc:
+            if not _is_missing_function(exc):
+                raise
+            _book_function_missing_at = time.monotonic()
+            logger.warning("%s is not installed (run migrate): booking in two statements for %d s",
+                           BOOK_FUNCTION, _BOOK_FUNCTION_RECHECK_SECONDS)
+            return None
+        outcome, model_id, cluster_id, unit_price, currency, total_price = answer
+        if outcome == "price":
+            _SEEN_UNIT_PRICES[model_name] = (*prices, unit_price)[-_SEEN_UNIT_PRICES_PER_MODEL:]
+            continue
+        if outcome != "booked":
+            return None
+        reservation.gpu_model_id, reservation.cluster_id, reservation.currency = model_id, cluster_id, currency
+        reservation.unit_price, reservation.total_price = unit_price, total_price
+        return BookingResult(reservation=reservation, created=True)
+    return None
 
 
 def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
@@ -559,42 +743,65 @@ def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, regi
         raise _NothingWritten(refusal) from refusal
     # Sorted: concurrent bookings insert allocations in one global order.
     node_ids = sorted(node_ids)
-    now = timezone.now()
-    created_by = actor.user if actor.user is not None else tenant_owner_or_error(tenant)
-    # Created pending and confirmed in this same transaction, so no one ever sees it pending: the row
-    # is written confirmed, with both audit rows, and the transition table has its say as always.
-    row = {
-        "id": uuid7(), "tenant_id": tenant.pk, "created_by_id": created_by.pk, "gpu_model_id": model_id,
-        "cluster_id": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "starts_at": start,
-        "ends_at": end, "status": S.CONFIRMED, "status_reason": CONFIRMED_REASON, "status_changed_at": now,
-        "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
-        "idempotency_key": idempotency_key, "request_fingerprint": fingerprint, "readiness": None,
-        "ready_at": None, "end_notice_at": None, "released_at": None, "created_at": now, "updated_at": now,
-    }
-    # The instance of the row the statement below writes, built as if read back (a KeyError here means
-    # a new column this path does not write yet): a third of the cost of keyword construction.
-    reservation = Reservation.from_db(connection.alias, None,
-                                      [row[field.attname] for field in Reservation._meta.concrete_fields])
-    due = reservation_event_due_times(reservation)
-    audit = [
-        audit_values(actor=actor, action="reservation.create", obj=reservation, tenant_id=tenant.pk,
-                     after=_create_audit_after(model_name=model_name, gpus=gpus, offer=offer, node_ids=node_ids,
-                                               start=start, end=end, enforce=enforce)),
-        _transition_audit(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
-                          reason=CONFIRMED_REASON),
-    ]
+    reservation = _confirmed_reservation(
+        actor=actor, tenant=tenant, gpus=gpus, same_domain=same_domain, start=start, end=end,
+        idempotency_key=idempotency_key, fingerprint=fingerprint, model_id=model_id, cluster_id=offer.cluster_id,
+        currency=offer.currency, unit_price=offer.unit_price, total_price=offer.total_price)
+    audit = _booking_audit(actor=actor, reservation=reservation, after=_create_audit_after(
+        model_name=model_name, gpus=gpus, offer=offer, node_ids=node_ids, start=start, end=end, enforce=enforce))
     # Arrays and rows travel as text (an array literal, one JSON document): psycopg dumps text in C.
-    [(held_peak,)] = fetch_prepared(_INSERT_BOOKING_SQL, {
-        "id": row["id"], "tenant": tenant.pk, "created_by": created_by.pk, "model": model_id,
-        "cluster": offer.cluster_id, "gpus": gpus, "same_domain": same_domain, "start": start, "end": end,
-        "status": row["status"], "status_reason": row["status_reason"], "now": now,
-        "currency": offer.currency, "unit_price": offer.unit_price, "total_price": offer.total_price,
-        "idempotency_key": idempotency_key, "fingerprint": fingerprint, "blocked_until": padded_end,
+    [(held_peak,)] = fetch_prepared(_INSERT_BOOKING_SQL, _booking_row_params(reservation) | {
+        "model": model_id, "cluster": offer.cluster_id, "currency": offer.currency, "unit_price": offer.unit_price,
+        "total_price": offer.total_price, "blocked_until": padded_end,
         "nodes": "{" + ",".join(map(str, node_ids)) + "}", "audit": json.dumps(audit),
-        **{f"due_{kind}": due_at for kind, due_at in due.items()},
     })
     policies.check_quota(tenant=locked, held_peak=held_peak, gpus=gpus, enforce=enforce)
     return BookingResult(reservation=reservation, created=True)
+
+
+def _confirmed_reservation(*, actor: Actor, tenant: Tenant, gpus: int, same_domain: bool, start: datetime,
+                           end: datetime, idempotency_key: str, fingerprint: str, model_id: int | None = None,
+                           cluster_id: int | None = None, currency: str = "", unit_price: Decimal | None = None,
+                           total_price: Decimal | None = None) -> Reservation:
+    """The instance of the row a PostgreSQL booking writes, built as if read back (a KeyError here
+    means a new column these paths do not write yet): a third of the cost of keyword construction.
+
+    Created pending and confirmed in one transaction, so no one ever sees it pending: the row is
+    written confirmed, with both audit rows (_booking_audit), and the transition table has its say.
+    """
+    now = timezone.now()
+    created_by = actor.user if actor.user is not None else tenant_owner_or_error(tenant)
+    row = {
+        "id": uuid7(), "tenant_id": tenant.pk, "created_by_id": created_by.pk, "gpu_model_id": model_id,
+        "cluster_id": cluster_id, "gpus": gpus, "same_domain": same_domain, "starts_at": start, "ends_at": end,
+        "status": S.CONFIRMED, "status_reason": CONFIRMED_REASON, "status_changed_at": now, "currency": currency,
+        "unit_price": unit_price, "total_price": total_price, "idempotency_key": idempotency_key,
+        "request_fingerprint": fingerprint, "readiness": None, "ready_at": None, "end_notice_at": None,
+        "released_at": None, "created_at": now, "updated_at": now,
+    }
+    return Reservation.from_db(connection.alias, None, [row[field.attname] for field in Reservation._meta.concrete_fields])
+
+
+def _booking_audit(*, actor: Actor, reservation: Reservation, after: dict) -> list[dict]:
+    """The audit rows of a booking: its creation, then pending → confirmed."""
+    return [
+        audit_values(actor=actor, action="reservation.create", obj=reservation, tenant_id=reservation.tenant_id,
+                     after=after),
+        _transition_audit(reservation=reservation, current=S.PENDING, to=S.CONFIRMED, actor=actor,
+                          reason=CONFIRMED_REASON),
+    ]
+
+
+def _booking_row_params(reservation: Reservation) -> dict:
+    """The parameters of the booking statements that the request decides (the placement comes apart)."""
+    return {
+        "id": reservation.pk, "tenant": reservation.tenant_id, "created_by": reservation.created_by_id,
+        "gpus": reservation.gpus, "same_domain": reservation.same_domain, "start": reservation.starts_at,
+        "end": reservation.ends_at, "status": reservation.status, "status_reason": reservation.status_reason,
+        "now": reservation.created_at, "idempotency_key": reservation.idempotency_key,
+        "fingerprint": reservation.request_fingerprint,
+        **{f"due_{kind}": due_at for kind, due_at in reservation_event_due_times(reservation).items()},
+    }
 
 
 def tenant_owner_or_error(tenant: Tenant):

@@ -8,11 +8,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from marketplace.core.models import AuditLog
-from marketplace.reservations import selectors, services
+from marketplace.reservations import money, selectors, services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.services import InsufficientCapacity
-from marketplace.inventory.models import MaintenanceWindow, Node
+from marketplace.inventory.models import GpuPrice, MaintenanceWindow, Node
 from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
 from tests.reservations.conftest import at
 
@@ -71,17 +71,69 @@ def test_the_returned_reservation_matches_the_stored_row(fleet, tenant, actor):
 
 
 @pytest.mark.postgres_only
-def test_a_booking_on_postgresql_takes_a_fixed_handful_of_statements(fleet, tenant, actor):
-    book(tenant, actor)  # warm the connection
+def test_a_booking_on_postgresql_is_one_call_of_the_booking_function(fleet, tenant, actor):
+    book(tenant, actor)  # warm the connection (and let this process price the cluster's unit price)
     with CaptureQueriesContext(connection) as one_node:
         book(tenant, actor, gpus=8, start=at(10), end=at(12))
     with CaptureQueriesContext(connection) as two_nodes:
         book(tenant, actor, gpus=16, start=at(20), end=at(24))
-    # the tenant lock with the model, prices and the node pick; then one insert of everything (the
-    # test's own transaction makes the booking's a savepoint)
+    # the tenant lock, the pick and every insert in one call (the test's own transaction makes it a
+    # savepoint; outside one it is a transaction of its own)
     statements = [[q["sql"] for q in run if "SAVEPOINT" not in q["sql"]] for run in (one_node, two_nodes)]
-    assert [len(run) for run in statements] == [2, 2], statements
-    assert all("WITH tenant AS" in run[0] and "INSERT INTO reservations_allocation" in run[1] for run in statements)
+    assert [len(run) for run in statements] == [1, 1], statements
+    assert all(run[0].startswith(f"SELECT * FROM {services.BOOK_FUNCTION}(") for run in statements)
+
+
+@pytest.mark.postgres_only
+def test_a_price_the_process_has_not_priced_costs_one_more_call_and_is_booked_exactly(fleet, tenant, actor):
+    # given a booking at the cluster's price, and then a new price with more decimals
+    book(tenant, actor, gpus=8)
+    GpuPrice.objects.filter(gpu_model=fleet.model).update(price_per_gpu_hour=Decimal("2.3333"))
+    # when a booking comes for 1 h 45 min at the new price, and another after it
+    with CaptureQueriesContext(connection) as first:
+        priced = book(tenant, actor, gpus=16, start=at(10), end=at(11) + timedelta(minutes=45)).reservation
+    with CaptureQueriesContext(connection) as second:
+        book(tenant, actor, gpus=8, start=at(20), end=at(22))
+    # then the first took two calls (the function does not price; Python's money rule does) and
+    # the second one; both are locked at the new price, to the cent of money.reservation_total
+    calls = [[q for q in run if q["sql"].startswith("SELECT * FROM reservation_book_")] for run in (first, second)]
+    assert [len(run) for run in calls] == [2, 1]
+    stored = Reservation.objects.get(pk=priced.pk)
+    expected = money.reservation_total(unit_price=Decimal("2.3333"), gpus=16, duration=timedelta(hours=1.75))
+    assert (stored.unit_price, stored.total_price) == (Decimal("2.3333"), expected) == (priced.unit_price,
+                                                                                         priced.total_price)
+    assert expected == Decimal("65.33")
+    assert AuditLog.objects.get(object_id=str(priced.pk), action="reservation.create").after["total_price"] == "65.33"
+
+
+@pytest.mark.postgres_only
+def test_without_the_booking_function_bookings_go_the_two_statement_way(fleet, tenant, actor, caplog, monkeypatch):
+    # given a database whose booking function is not (yet) this code's: a deploy before its migrate
+    monkeypatch.setattr(services, "_book_function_missing_at", services._book_function_missing_at)  # restored after
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP FUNCTION {services.BOOK_FUNCTION}")
+    # when two bookings come
+    with CaptureQueriesContext(connection) as queries:
+        booked = [book(tenant, actor), book(tenant, actor, start=at(10), end=at(12))]
+    # then both are booked by the two statements, the log says why, and only the first tried the function
+    assert [Reservation.objects.get(pk=b.reservation.pk).allocations.count() for b in booked] == [2, 2]
+    statements = [q["sql"] for q in queries.captured_queries]
+    assert sum(sql.lstrip().startswith("WITH tenant AS") for sql in statements) == 2
+    assert sum(sql.startswith(f"SELECT * FROM {services.BOOK_FUNCTION}(") for sql in statements) == 1
+    assert f"{services.BOOK_FUNCTION} is not installed" in caplog.text
+
+
+@pytest.mark.postgres_only
+def test_migrate_installs_this_code_s_booking_function_and_drops_the_others():
+    # given a booking function of an earlier version of the code
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE FUNCTION reservation_book_000000000000(bigint) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    # when the function is installed, as every migrate does
+    assert services.booking_function_install() == services.BOOK_FUNCTION
+    # then only this code's is left
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'reservation\\_book\\_%%'")
+        assert [name for (name,) in cursor.fetchall()] == [services.BOOK_FUNCTION]
 
 
 def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, tenant, actor):
@@ -239,8 +291,11 @@ def prepared_statements() -> int:
 def test_a_refused_booking_ends_its_transaction_without_losing_the_prepared_statements(fleet, tenant, actor):
     from marketplace.core.exceptions import ServiceError
 
-    # given a connection that has booked once, so its booking statements are prepared
+    # given a connection that has booked once and been refused once, so its booking call and the
+    # statements of the two-statement path (where refusals are decided) are prepared
     book(tenant, actor)
+    with pytest.raises(InsufficientCapacity):
+        book(tenant, actor, gpus=8 * 64)
     prepared = prepared_statements()
     assert prepared >= 2
     # when bookings are refused: no capacity, then an unknown GPU model

@@ -124,6 +124,27 @@ def test_racing_identical_requests_with_one_key_book_once(fleet, tenant, member)
     assert Reservation.objects.count() == 1 and Allocation.objects.count() == 2
 
 
+def test_racing_bookings_of_one_tenant_never_exceed_its_quota(fleet, tenant, member):
+    # given a tenant with a quota of two nodes, and six of its requests for one node each, in
+    # overlapping windows, at the same moment (each booking reads the tenant's holdings only after it
+    # holds the tenant's lock, or two could both see room for one more)
+    tenant.gpu_quota = 16
+    tenant.save()
+
+    def attempt(i):
+        start = at(2) + timedelta(minutes=15 * (i % 3))
+        return services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                           gpus=8, start=start, end=start + timedelta(hours=4))
+
+    outcomes = race(6, attempt)
+    # then two are booked and four refused for the quota, with nothing written for them
+    bookings = [o for o in outcomes if isinstance(o, services.BookingResult)]
+    refusals = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert len(bookings) == 2 and len(refusals) == 4, outcomes
+    assert all(o.code == "quota_exceeded" and o.http_status == 422 for o in refusals), refusals
+    assert Reservation.objects.count() == 2 and Allocation.objects.count() == 2
+
+
 def test_extend_racing_bookings_of_the_extension_never_overlaps(fleet, tenant, member):
     # given a reservation on every node until +4h
     mine = services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
