@@ -620,14 +620,22 @@ _BOOK_FUNCTION_RECHECK_SECONDS = 60
 
 
 def booking_function_install(*, using: str = "default") -> str:
-    """Install this code's booking function on PostgreSQL and drop the others; returns its name."""
+    """Install this code's booking function on PostgreSQL and drop the others; returns its name.
+
+    One that exists already is left alone: its name is its text's hash, and replacing it would make
+    every connection compile it again.
+    """
     with connections[using].cursor() as cursor:
-        cursor.execute(f"CREATE OR REPLACE FUNCTION {BOOK_FUNCTION}{_BOOK_FUNCTION_BODY}")
-        cursor.execute("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace "
-                       "WHERE s.nspname = current_schema() AND p.proname LIKE 'reservation\\_book\\_%%' "
-                       "AND p.proname <> %s", [BOOK_FUNCTION])
-        for (older,) in cursor.fetchall():
-            cursor.execute(f"DROP FUNCTION IF EXISTS {older}")
+        cursor.execute("SELECT p.oid::regprocedure::text, p.proname = %s FROM pg_proc p "
+                       "JOIN pg_namespace s ON s.oid = p.pronamespace "
+                       "WHERE s.nspname = current_schema() AND p.proname LIKE 'reservation\\_book\\_%%'",
+                       [BOOK_FUNCTION])
+        installed = cursor.fetchall()
+        if not any(current for _, current in installed):
+            cursor.execute(f"CREATE FUNCTION {BOOK_FUNCTION}{_BOOK_FUNCTION_BODY}")
+        for older, current in installed:
+            if not current:
+                cursor.execute(f"DROP FUNCTION IF EXISTS {older}")
     return BOOK_FUNCTION
 
 

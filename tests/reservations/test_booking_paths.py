@@ -124,16 +124,26 @@ def test_without_the_booking_function_bookings_go_the_two_statement_way(fleet, t
 
 
 @pytest.mark.postgres_only
-def test_migrate_installs_this_code_s_booking_function_and_drops_the_others():
-    # given a booking function of an earlier version of the code
+def test_migrate_installs_this_code_s_booking_function_and_drops_the_others(fleet, tenant, actor):
+    def installed() -> list[str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'reservation\\_book\\_%%'")
+            return [name for (name,) in cursor.fetchall()]
+
+    # given only the booking function of an earlier version of the code
     with connection.cursor() as cursor:
+        cursor.execute(f"DROP FUNCTION {services.BOOK_FUNCTION}")
         cursor.execute("CREATE FUNCTION reservation_book_000000000000(bigint) RETURNS int LANGUAGE sql AS 'SELECT 1'")
-    # when the function is installed, as every migrate does
+    # when the function is installed, as every migrate does, twice
     assert services.booking_function_install() == services.BOOK_FUNCTION
-    # then only this code's is left
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'reservation\\_book\\_%%'")
-        assert [name for (name,) in cursor.fetchall()] == [services.BOOK_FUNCTION]
+    assert installed() == [services.BOOK_FUNCTION]
+    assert services.booking_function_install() == services.BOOK_FUNCTION
+    # then only this code's is there, and bookings use it
+    assert installed() == [services.BOOK_FUNCTION]
+    with CaptureQueriesContext(connection) as queries:
+        book(tenant, actor)
+    assert [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]][-1].startswith(
+        f"SELECT * FROM {services.BOOK_FUNCTION}(")
 
 
 def test_the_cheapest_cluster_first_then_by_name_then_the_next_that_fits(fleet, tenant, actor):
