@@ -1,5 +1,6 @@
 """Writes of the booking engine: book, cancel, extend, release, and the one state-transition function."""
 
+import functools
 import hashlib
 import json
 import logging
@@ -247,12 +248,16 @@ def reservation_create(
     for attempt in range(attempts):
         try:
             if one_call:
-                if booked := _book_in_one_call(
-                        actor=actor, tenant=tenant, model_name=gpu_model, region_code=region or None, gpus=gpus,
-                        start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
-                        fingerprint=fingerprint, enforce=enforce_policies):
+                booked = _book_in_one_call(
+                    actor=actor, tenant=tenant, model_name=gpu_model, region_code=region or None, gpus=gpus,
+                    start=start, end=end, same_domain=same_domain, idempotency_key=idempotency_key,
+                    fingerprint=fingerprint, enforce=enforce_policies)
+                if isinstance(booked, BookingResult):
                     return booked
                 one_call = False  # Python's policies decide, in the two-statement path
+                if booked == _UNPLACED:
+                    # whose first statement need not walk the domains the function has just walked in vain
+                    book_once = functools.partial(_book_once_postgresql, walk=False)
             with transaction.atomic():
                 try:
                     return book_once(
@@ -377,7 +382,7 @@ def _book_once_portable(*, actor: Actor, tenant: Tenant, model_name: str, region
 # Without an ORDER BY at the top, SQL would allow any fitting domain: only the packing preference
 # rests on that order. Within a domain, the same: two lazy scans of node_search_idx, appended.
 #
-# What to pick comes in as one row {target} (model, cluster, nodes, whole) joined once: written as
+# What to pick comes in as one row {target} (model, cluster, nodes, walk) joined once: written as
 # scalar subqueries instead, each use would be an init-plan of its own, set up on every execution.
 # Prepared statements get one generic plan, made before any parameter value is known: parameters
 # are cast, and the fixed states are literals so that the partial indexes' predicates still match.
@@ -426,7 +431,7 @@ LIMIT 1
 """
 
 _DOMAINS = """SELECT topology_domain, min(id) AS lowest, max(id) AS highest FROM inventory_node
-      WHERE gpu_model_id = t.model AND status = '{available}' AND cluster_id = t.cluster AND t.whole"""
+      WHERE gpu_model_id = t.model AND status = '{available}' AND cluster_id = t.cluster AND t.walk"""
 _FREE_NODES = """SELECT n.id FROM inventory_node n
        WHERE n.gpu_model_id = t.model AND n.status = '{available}' AND n.cluster_id = t.cluster
          AND n.topology_domain = d.topology_domain AND n.health <> '{unhealthy}'
@@ -444,7 +449,8 @@ _PICK_NODES_TEMPLATE = _PICK_NODES_TEMPLATE.replace("{domains}", _DOMAINS).repla
 
 # The tenant row locked, the model and region looked up by name, the first priced cluster in
 # selectors.price_order (then by name, COLLATE "C": the code-point order of selectors.priced_clusters) and the pick in it; one
-# row, with NULL cluster columns if no cluster has a price. No pick unless the GPUs make whole nodes.
+# row, with NULL cluster columns if no cluster has a price. No pick unless the GPUs make whole nodes,
+# nor when the caller says not to walk (the booking function's walk has just found nothing).
 _TENANT_PRICES_AND_PICK_SQL = """
 WITH tenant AS (
   SELECT slug, billing_status, gpu_quota, is_active FROM tenants_tenant WHERE id = %(tenant)s::bigint FOR UPDATE
@@ -463,7 +469,8 @@ WITH tenant AS (
   JOIN inventory_gpuprice p ON p.region_id = c.region_id AND p.gpu_model_id = (SELECT id FROM model)
   WHERE c.status = '""" + Cluster.Status.ACTIVE.value + """' AND (%(region_code)s::text IS NULL OR c.region_id = (SELECT id FROM region))
 ), pick AS MATERIALIZED (""" + _PICK_NODES_TEMPLATE.replace(
-    "{target}", "(SELECT m.id AS model, c.id AS cluster, m.nodes, m.whole FROM model m JOIN priced c ON c.rank = 1)"
+    "{target}", "(SELECT m.id AS model, c.id AS cluster, m.nodes, m.whole AND %(walk)s::bool AS walk "
+    "FROM model m JOIN priced c ON c.rank = 1)"
 ) + """)
 SELECT t.slug, t.billing_status, t.gpu_quota, t.is_active, m.id, m.vendor, m.memory_gb, m.gpus_per_node,
        (SELECT id FROM region), c.id, c.name, c.code, c.price_per_gpu_hour, c.currency, pick.topology_domain, pick.ids
@@ -544,7 +551,7 @@ _INSERT_BOOKING_SQL = _WRITE_BOOKING_CTES + _HELD_PEAK_SQL
 # messages or book. Its checks mirror Tenant.can_book and policies.check_quota (the good standing
 # comes in as a parameter), and the policy tests on PostgreSQL go through it. The money rule stays in
 # Python (money.reservation_total): the caller passes the totals for the unit prices it has seen for
-# the model; a price it has not seen comes back as "price", and the caller prices it and calls again.
+# the model; a price it has not seen comes back unpriced, and the caller prices it and calls again.
 #
 # The function's name carries a hash of its text, so code and function cannot drift apart: `migrate`
 # installs the current one (post_migrate, see apps.py) and drops the others; a process whose function
@@ -555,6 +562,9 @@ def _plpgsql(sql: str) -> str:
     return re.sub(r"%\((\w+)\)s", r"p_\1", sql).replace("%%", "%")
 
 
+# The function's answers when it books nothing: Python's policies decide; its walk found no nodes;
+# the unit price is not among those the caller priced.
+_UNDECIDED, _UNPLACED, _UNPRICED = "decide", "unplaced", "price"
 _BOOK_FUNCTION_BODY = """(
   p_tenant bigint, p_model_name text, p_gpus int, p_region_code text, p_default_currency text, p_start timestamptz,
   p_end timestamptz, p_padded_end timestamptz, p_id uuid, p_created_by int, p_same_domain bool, p_status text,
@@ -570,12 +580,14 @@ DECLARE
   p_memory_gb int; p_gpus_per_node int; p_region bigint; p_cluster bigint; p_cluster_name text;
   p_cluster_region text; p_unit_price numeric; p_currency text; p_domain text; p_nodes bigint[];
   p_blocked_until timestamptz := p_padded_end; p_total_price numeric; p_audit jsonb; p_written int;
+  p_walk bool := true;
 BEGIN
   {PICK}
   INTO p_slug, p_billing_status, p_quota, p_is_active, p_model, p_vendor, p_memory_gb, p_gpus_per_node, p_region,
        p_cluster, p_cluster_name, p_cluster_region, p_unit_price, p_currency, p_domain, p_nodes;
-  outcome := 'decide';
-  IF NOT FOUND OR p_nodes IS NULL THEN RETURN NEXT; RETURN; END IF;
+  outcome := '{UNDECIDED}';
+  IF NOT FOUND THEN RETURN NEXT; RETURN; END IF;
+  IF p_nodes IS NULL THEN outcome := '{UNPLACED}'; RETURN NEXT; RETURN; END IF;
   -- Nested IFs: a condition with a subquery runs through the executor even when its first part is false.
   IF p_idempotency_key <> '' THEN
     IF EXISTS (SELECT 1 FROM reservations_reservation
@@ -587,7 +599,7 @@ BEGIN
   END IF;
   p_total_price := p_totals[array_position(p_unit_prices, p_unit_price)];
   IF p_total_price IS NULL THEN
-    outcome := 'price'; unit_price := p_unit_price; RETURN NEXT; RETURN;
+    outcome := '{UNPRICED}'; unit_price := p_unit_price; RETURN NEXT; RETURN;
   END IF;
   p_audit := jsonb_build_array(
     jsonb_set(p_audit_request->0, '{after}', (p_audit_request->0->'after') || jsonb_build_object(
@@ -599,7 +611,8 @@ BEGIN
   currency := p_currency; total_price := p_total_price;
   RETURN NEXT;
 END
-$booking$""".replace("{EVENT_ARGUMENTS}", ", ".join(
+$booking$""".replace("{UNDECIDED}", _UNDECIDED).replace("{UNPLACED}", _UNPLACED).replace(
+    "{UNPRICED}", _UNPRICED).replace("{EVENT_ARGUMENTS}", ", ".join(
     f"p_due_{kind.value} timestamptz" for kind in ReservationEvent.Kind)).replace(
     "{PICK}", _plpgsql(_TENANT_PRICES_AND_PICK_SQL).strip()).replace(
     "{HELD_PEAK}", _plpgsql(_HELD_PEAK_SQL).strip()).replace("{WRITE}", _plpgsql(_WRITE_BOOKING_CTES).strip())
@@ -645,11 +658,12 @@ def _is_missing_function(exc: ProgrammingError) -> bool:
 
 def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
                       start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
-                      enforce: bool) -> BookingResult | None:
-    """The booking in one call of the booking function, or None if Python's policies must decide."""
+                      enforce: bool) -> BookingResult | str:
+    """The booking in one call of the booking function; or, if Python's policies must decide, why:
+    _UNPLACED if the function's walk found no nodes, else _UNDECIDED."""
     global _book_function_missing_at
     if time.monotonic() - _book_function_missing_at < _BOOK_FUNCTION_RECHECK_SECONDS:
-        return None
+        return _UNDECIDED
     # The placement columns are filled in from the function's answer.
     reservation = _confirmed_reservation(actor=actor, tenant=tenant, gpus=gpus, same_domain=same_domain, start=start,
                                          end=end, idempotency_key=idempotency_key, fingerprint=fingerprint)
@@ -680,26 +694,29 @@ def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_c
             _book_function_missing_at = time.monotonic()
             logger.warning("%s is not installed (run migrate): booking in two statements for %d s",
                            BOOK_FUNCTION, _BOOK_FUNCTION_RECHECK_SECONDS)
-            return None
+            return _UNDECIDED
         outcome, model_id, cluster_id, unit_price, currency, total_price = answer
-        if outcome == "price":
+        if outcome == _UNPRICED:
             _SEEN_UNIT_PRICES[model_name] = (*prices, unit_price)[-_SEEN_UNIT_PRICES_PER_MODEL:]
             continue
         if outcome != "booked":
-            return None
+            return outcome
         reservation.gpu_model_id, reservation.cluster_id, reservation.currency = model_id, cluster_id, currency
         reservation.unit_price, reservation.total_price = unit_price, total_price
         return BookingResult(reservation=reservation, created=True)
-    return None
+    return _UNDECIDED
 
 
 def _book_once_postgresql(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
                           start: datetime, end: datetime, same_domain: bool, idempotency_key: str, fingerprint: str,
-                          enforce: bool) -> BookingResult:
-    """One booking attempt, inside the caller's transaction, in two prepared statements (PostgreSQL)."""
+                          enforce: bool, walk: bool = True) -> BookingResult:
+    """One booking attempt, inside the caller's transaction, in two prepared statements (PostgreSQL).
+
+    With ``walk`` False the first statement picks no nodes, and the full search places the booking.
+    """
     try:
         padded_end = end + selectors.cleaning_gap()
-        pick_params = {"start": start, "padded_end": padded_end}
+        pick_params = {"start": start, "padded_end": padded_end, "walk": walk}
         # Locking the tenant row serialises one tenant's bookings (quota, idempotency) and nothing else.
         rows = fetch_prepared(_TENANT_PRICES_AND_PICK_SQL, pick_params | {
             "tenant": tenant.pk, "model_name": model_name, "gpus": gpus, "region_code": region_code,

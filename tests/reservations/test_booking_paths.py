@@ -4,7 +4,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from marketplace.core.models import AuditLog
@@ -266,6 +266,22 @@ def test_a_walk_gives_up_after_its_last_domain_and_the_count_still_finds_a_free_
     assert any(query["sql"].lstrip().startswith("SELECT n.cluster_id, n.topology_domain, count(*)")
                for query in queries.captured_queries)
     assert list(booked.allocations.values_list("node__name", flat=True)) == ["z"]
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("walk", [True, False])
+def test_after_the_function_s_walk_found_nothing_the_two_statements_do_not_walk_again(fleet, tenant, actor, walk):
+    # given a fleet with room: the walk would find nodes
+    # when the two-statement path books, told to walk or (as after the function's walk found nothing) not
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        booked = services._book_once_postgresql(
+            actor=actor, tenant=tenant, model_name="H100-SXM-80GB", region_code=None, gpus=8, start=at(2), end=at(4),
+            same_domain=False, idempotency_key="", fingerprint="", enforce=True, walk=walk)
+    # then it books either way; without the walk, the free-node count over the clusters placed it
+    assert booked.created and booked.reservation.allocations.count() == 1
+    counted = any(query["sql"].lstrip().startswith("SELECT n.cluster_id, n.topology_domain, count(*)")
+                  for query in queries.captured_queries)
+    assert counted is not walk
 
 
 def test_a_cheapest_cluster_the_walk_gives_up_on_still_gets_the_booking_at_the_quoted_price(fleet, tenant, actor):
