@@ -198,7 +198,10 @@ def _is_deadlock(exc: OperationalError) -> bool:
 def _is_idempotency_race(exc: IntegrityError) -> bool:
     cause = exc.__cause__
     name = getattr(getattr(cause, "diag", None), "constraint_name", None)
-    return name == "reservation_tenant_idempotency_key_unique" or "idempotency_key" in str(exc)
+    if name is not None:
+        # Not the message: an error from the booking function quotes its whole INSERT statement.
+        return name == "reservation_tenant_idempotency_key_unique"
+    return "idempotency_key" in str(exc)  # SQLite names the columns, not the constraint
 
 
 CONFIRMED_REASON = "nodes allocated"
@@ -564,7 +567,13 @@ def _plpgsql(sql: str) -> str:
 
 # The function's answers when it books nothing: Python's policies decide; its walk found no nodes;
 # the unit price is not among those the caller priced.
-_UNDECIDED, _UNPLACED, _UNPRICED = "decide", "unplaced", "price"
+_BOOKED, _UNDECIDED, _UNPLACED, _UNPRICED = "booked", "decide", "unplaced", "price"
+
+
+class _NothingBooked(Exception):
+    """The function's answer when it booked nothing, raised to roll back its savepoint."""
+
+
 _BOOK_FUNCTION_BODY = """(
   p_tenant bigint, p_model_name text, p_gpus int, p_region_code text, p_default_currency text, p_start timestamptz,
   p_end timestamptz, p_padded_end timestamptz, p_id uuid, p_created_by int, p_same_domain bool, p_status text,
@@ -582,6 +591,9 @@ DECLARE
   p_blocked_until timestamptz := p_padded_end; p_total_price numeric; p_audit jsonb; p_written int;
   p_walk bool := true;
 BEGIN
+  -- The tenant lock first, in a statement of its own: the pick's snapshot is then taken after any
+  -- wait for it, so a burst of one tenant's bookings does not pick the nodes the ones before took.
+  PERFORM 1 FROM tenants_tenant WHERE id = p_tenant FOR UPDATE;
   {PICK}
   INTO p_slug, p_billing_status, p_quota, p_is_active, p_model, p_vendor, p_memory_gb, p_gpus_per_node, p_region,
        p_cluster, p_cluster_name, p_cluster_region, p_unit_price, p_currency, p_domain, p_nodes;
@@ -607,11 +619,11 @@ BEGIN
       'total_price', p_total_price::text, 'currency', p_currency)),
     p_audit_request->1);
   {WRITE} SELECT 1 INTO p_written;
-  outcome := 'booked'; model_id := p_model; cluster_id := p_cluster; unit_price := p_unit_price;
+  outcome := '{BOOKED}'; model_id := p_model; cluster_id := p_cluster; unit_price := p_unit_price;
   currency := p_currency; total_price := p_total_price;
   RETURN NEXT;
 END
-$booking$""".replace("{UNDECIDED}", _UNDECIDED).replace("{UNPLACED}", _UNPLACED).replace(
+$booking$""".replace("{BOOKED}", _BOOKED).replace("{UNDECIDED}", _UNDECIDED).replace("{UNPLACED}", _UNPLACED).replace(
     "{UNPRICED}", _UNPRICED).replace("{EVENT_ARGUMENTS}", ", ".join(
     f"p_due_{kind.value} timestamptz" for kind in ReservationEvent.Kind)).replace(
     "{PICK}", _plpgsql(_TENANT_PRICES_AND_PICK_SQL).strip()).replace(
@@ -638,11 +650,13 @@ def booking_function_install(*, using: str = "default") -> str:
     One that exists already is left alone: its name is its text's hash, and replacing it would make
     every connection compile it again.
     """
-    with connections[using].cursor() as cursor:
+    # Two migrates at once would both create it (a unique violation in pg_proc): one at a time.
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('reservation_book_install'))")
         cursor.execute("SELECT p.oid::regprocedure::text, p.proname = %s FROM pg_proc p "
                        "JOIN pg_namespace s ON s.oid = p.pronamespace "
-                       "WHERE s.nspname = current_schema() AND p.proname LIKE 'reservation\\_book\\_%%'",
-                       [BOOK_FUNCTION])
+                       "WHERE s.nspname = current_schema() AND p.prokind = 'f' "
+                       "AND p.proname ~ '^reservation_book_[0-9a-f]{12}$'", [BOOK_FUNCTION])
         installed = cursor.fetchall()
         if not any(current for _, current in installed):
             cursor.execute(f"CREATE FUNCTION {BOOK_FUNCTION}{_BOOK_FUNCTION_BODY}")
@@ -652,8 +666,9 @@ def booking_function_install(*, using: str = "default") -> str:
     return BOOK_FUNCTION
 
 
-def _is_missing_function(exc: ProgrammingError) -> bool:
-    return getattr(exc.__cause__, "sqlstate", None) == "42883" and BOOK_FUNCTION in str(exc)
+def _is_unusable_function(exc: ProgrammingError) -> bool:
+    """The booking function is missing (42883), or the database role may not execute it (42501)."""
+    return getattr(exc.__cause__, "sqlstate", None) in ("42883", "42501") and BOOK_FUNCTION in str(exc)
 
 
 def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_code: str | None, gpus: int,
@@ -664,6 +679,8 @@ def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_c
     global _book_function_missing_at
     if time.monotonic() - _book_function_missing_at < _BOOK_FUNCTION_RECHECK_SECONDS:
         return _UNDECIDED
+    if actor.user is None and not tenant.memberships.exists():
+        return _UNDECIDED  # the two-statement path refuses, after the checks that come first
     # The placement columns are filled in from the function's answer.
     reservation = _confirmed_reservation(actor=actor, tenant=tenant, gpus=gpus, same_domain=same_domain, start=start,
                                          end=end, idempotency_key=idempotency_key, fingerprint=fingerprint)
@@ -684,22 +701,27 @@ def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_c
             str(money.reservation_total(unit_price=price, gpus=gpus, duration=end - start)) for price in prices) + "}"
         try:
             if connection.in_atomic_block:
-                with transaction.atomic():
-                    [answer] = fetch_prepared(_BOOK_CALL_SQL, params)
+                try:
+                    with transaction.atomic():
+                        [answer] = fetch_prepared(_BOOK_CALL_SQL, params)
+                        if answer[0] != _BOOKED:
+                            raise _NothingBooked(answer)  # rolls the savepoint back: the locks it took go
+                except _NothingBooked as unbooked:
+                    [answer] = unbooked.args
             else:
                 [answer] = fetch_prepared(_BOOK_CALL_SQL, params)  # a transaction of its own
         except ProgrammingError as exc:
-            if not _is_missing_function(exc):
+            if not _is_unusable_function(exc):
                 raise
             _book_function_missing_at = time.monotonic()
-            logger.warning("%s is not installed (run migrate): booking in two statements for %d s",
-                           BOOK_FUNCTION, _BOOK_FUNCTION_RECHECK_SECONDS)
+            logger.warning("%s cannot be called (%s; run migrate): booking in two statements for %d s",
+                           BOOK_FUNCTION, exc.__cause__.sqlstate, _BOOK_FUNCTION_RECHECK_SECONDS)
             return _UNDECIDED
         outcome, model_id, cluster_id, unit_price, currency, total_price = answer
         if outcome == _UNPRICED:
             _SEEN_UNIT_PRICES[model_name] = (*prices, unit_price)[-_SEEN_UNIT_PRICES_PER_MODEL:]
             continue
-        if outcome != "booked":
+        if outcome != _BOOKED:
             return outcome
         reservation.gpu_model_id, reservation.cluster_id, reservation.currency = model_id, cluster_id, currency
         reservation.unit_price, reservation.total_price = unit_price, total_price

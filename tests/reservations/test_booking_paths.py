@@ -7,13 +7,15 @@ import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
+from marketplace.core.exceptions import ServiceError
 from marketplace.core.models import AuditLog
+from marketplace.core.services import Actor
 from marketplace.reservations import money, selectors, services
 from marketplace.reservations.models import Allocation, Reservation, ReservationEvent
 from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.services import InsufficientCapacity
 from marketplace.inventory.models import GpuPrice, MaintenanceWindow, Node
-from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory
+from tests.factories import ClusterFactory, GpuPriceFactory, NodeFactory, RegionFactory, TenantFactory
 from tests.reservations.conftest import at
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen")]
@@ -44,22 +46,43 @@ def written(reservation: Reservation) -> dict:
 
 
 @pytest.mark.postgres_only
-def test_postgresql_and_portable_paths_write_the_same_booking(fleet, tenant, actor, monkeypatch):
-    # given one booking made the PostgreSQL way, read back from the database
-    fast = Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k1").reservation.pk)
-    # when the same request (another key, a later window) goes the portable way
+def test_the_booking_function_the_two_statements_and_the_portable_path_write_the_same_booking(fleet, tenant, actor,
+                                                                                            monkeypatch):
+    # given one booking made by the booking function, read back from the database
+    made = [Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k1").reservation.pk)]
+    # when the same request (another key, a later window) goes the two-statement way, then the portable way
+    monkeypatch.setattr(services, "_book_in_one_call", lambda **request: services._UNDECIDED)
+    made.append(Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k2", start=at(12),
+                                                end=at(16)).reservation.pk))
     monkeypatch.setattr(services, "_book_once_postgresql", services._book_once_portable)
-    portable = Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k2", start=at(12),
-                                               end=at(16)).reservation.pk)
-    # then both wrote the same rows, up to the key, the window and the fingerprint
-    fast_rows, portable_rows = written(fast), written(portable)
-    fast_rows["reservation"]["idempotency_key"] = portable_rows["reservation"]["idempotency_key"] = None
-    for rows, start, end in ((fast_rows, at(2), at(6)), (portable_rows, at(12), at(16))):
-        created = rows["audit"][0]
-        assert created[5]["start"] == start.isoformat() and created[5]["end"] == end.isoformat()
+    made.append(Reservation.objects.get(pk=book(tenant, actor, idempotency_key="k3", start=at(22),
+                                                end=at(26)).reservation.pk))
+    # then all three wrote the same rows, up to the key, the window and the fingerprint
+    rows = [written(reservation) for reservation in made]
+    for each, start in zip(rows, (at(2), at(12), at(22))):
+        each["reservation"]["idempotency_key"] = None
+        created = each["audit"][0]
+        assert created[5]["start"] == start.isoformat() and created[5]["end"] == (start + timedelta(hours=4)).isoformat()
         created[5]["start"] = created[5]["end"] = None
-    assert fast_rows == portable_rows
-    assert fast_rows["audit"][1][4] == {"status": "pending"} and fast_rows["domains"] == ["ib-a"]
+    assert rows[0] == rows[1] == rows[2]
+    assert rows[0]["audit"][1][4] == {"status": "pending"} and rows[0]["domains"] == ["ib-a"]
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"gpu_model": "no-such-gpu"}, "unknown_gpu_model"),
+    ({"billing_status": "suspended"}, "tenant_cannot_book"),
+])
+def test_a_task_booking_for_a_tenant_with_no_members_hears_the_first_refusal_that_applies(fleet, change, code):
+    # given a tenant with no members (a task's booking is recorded as made by one) and a request
+    # that is refused anyway, for its model or its standing
+    lonely = TenantFactory(billing_status=change.get("billing_status", "good"))
+    # when a task books for it
+    with pytest.raises(ServiceError) as refused:
+        services.reservation_create(actor=Actor.task("nightly"), tenant=lonely, **{
+            "gpu_model": "H100-SXM-80GB", "gpus": 8, "start": at(2), "end": at(6)} | {
+            key: value for key, value in change.items() if key == "gpu_model"})
+    # then it hears that refusal, on every path, before the missing member
+    assert refused.value.code == code
 
 
 @pytest.mark.postgres_only
@@ -120,26 +143,50 @@ def test_without_the_booking_function_bookings_go_the_two_statement_way(fleet, t
     statements = [q["sql"] for q in queries.captured_queries]
     assert sum(sql.lstrip().startswith("WITH tenant AS") for sql in statements) == 2
     assert sum(sql.startswith(f"SELECT * FROM {services.BOOK_FUNCTION}(") for sql in statements) == 1
-    assert f"{services.BOOK_FUNCTION} is not installed" in caplog.text
+    assert f"{services.BOOK_FUNCTION} cannot be called (42883" in caplog.text
+
+
+@pytest.mark.postgres_only
+def test_a_database_role_that_may_not_execute_the_booking_function_books_the_two_statement_way(
+        fleet, tenant, actor, caplog, monkeypatch):
+    # given a role with the rights on the tables but not on the function (REVOKE … FROM PUBLIC)
+    monkeypatch.setattr(services, "_book_function_missing_at", services._book_function_missing_at)  # restored after
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE ROLE booking_without_function NOLOGIN")
+        cursor.execute("GRANT USAGE ON SCHEMA public TO booking_without_function")
+        cursor.execute("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO booking_without_function")
+        cursor.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO booking_without_function")
+        cursor.execute(f"REVOKE EXECUTE ON FUNCTION {services.BOOK_FUNCTION} FROM PUBLIC")
+        cursor.execute("SET ROLE booking_without_function")
+    # when a booking comes
+    try:
+        booked = book(tenant, actor)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET ROLE")
+    # then it is booked, the two-statement way, and the log says why
+    assert Reservation.objects.get(pk=booked.reservation.pk).allocations.count() == 2
+    assert f"{services.BOOK_FUNCTION} cannot be called (42501" in caplog.text
 
 
 @pytest.mark.postgres_only
 def test_migrate_installs_this_code_s_booking_function_and_drops_the_others(fleet, tenant, actor):
     def installed() -> list[str]:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'reservation\\_book\\_%%'")
+            cursor.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'reservation\\_book\\_%%' ORDER BY 1")
             return [name for (name,) in cursor.fetchall()]
 
     # given only the booking function of an earlier version of the code
     with connection.cursor() as cursor:
         cursor.execute(f"DROP FUNCTION {services.BOOK_FUNCTION}")
         cursor.execute("CREATE FUNCTION reservation_book_000000000000(bigint) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        cursor.execute("CREATE FUNCTION reservation_book_stats() RETURNS int LANGUAGE sql AS 'SELECT 1'")  # not ours
     # when the function is installed, as every migrate does, twice
     assert services.booking_function_install() == services.BOOK_FUNCTION
-    assert installed() == [services.BOOK_FUNCTION]
+    assert installed() == [services.BOOK_FUNCTION, "reservation_book_stats"]
     assert services.booking_function_install() == services.BOOK_FUNCTION
-    # then only this code's is there, and bookings use it
-    assert installed() == [services.BOOK_FUNCTION]
+    # then only this code's is there (and a function that only shares the prefix), and bookings use it
+    assert installed() == [services.BOOK_FUNCTION, "reservation_book_stats"]
     with CaptureQueriesContext(connection) as queries:
         book(tenant, actor)
     assert [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]][-1].startswith(

@@ -3,6 +3,7 @@
 import threading
 from datetime import timedelta
 
+import factory
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
 
@@ -10,8 +11,10 @@ from marketplace.core.exceptions import ServiceError
 from marketplace.core.services import Actor
 from marketplace.inventory.models import MaintenanceWindow, Node
 from marketplace.reservations import services
+from marketplace.reservations.policies import QuotaExceeded
 from marketplace.reservations.models import Allocation, Reservation
-from tests.factories import MembershipFactory, NodeFactory, TenantFactory
+from tests.factories import (ClusterFactory, GpuModelFactory, GpuPriceFactory, MembershipFactory, NodeFactory,
+                             RegionFactory, TenantFactory)
 from tests.reservations.conftest import at
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen")]
@@ -143,6 +146,90 @@ def test_racing_bookings_of_one_tenant_never_exceed_its_quota(fleet, tenant, mem
     assert len(bookings) == 2 and len(refusals) == 4, outcomes
     assert all(o.code == "quota_exceeded" and o.http_status == 422 for o in refusals), refusals
     assert Reservation.objects.count() == 2 and Allocation.objects.count() == 2
+
+
+def test_a_burst_of_one_tenant_s_bookings_that_fit_all_get_their_nodes(tenant, member):
+    # given 48 free nodes in six domains of eight, and 24 requests of one tenant for two nodes each,
+    # for one window, at the same moment (each waits for the one before it, on the tenant's lock)
+    region = RegionFactory(code="us-east")
+    model = GpuModelFactory(name="H100-SXM-80GB", gpus_per_node=8)
+    GpuPriceFactory(gpu_model=model, region=region)
+    cluster = ClusterFactory(name="east-1", region=region)
+    NodeFactory.create_batch(48, cluster=cluster, gpu_model=model,
+                             topology_domain=factory.Iterator([f"ib-{d}" for d in range(6) for _ in range(8)]))
+
+    def attempt(i):
+        return services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                           gpus=16, start=at(2), end=at(6))
+
+    outcomes = race(24, attempt)
+    # then every one is booked (none picked the nodes the one before it had just taken), and no node twice
+    assert all(isinstance(o, services.BookingResult) for o in outcomes), outcomes
+    assert overlapping_pairs() == 0 and Allocation.objects.count() == 48
+
+
+def lockable_nodes() -> int:
+    """Nodes another connection could lock now (a booking in progress elsewhere holds the others)."""
+    counted = []
+
+    def count():
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM (SELECT id FROM inventory_node FOR NO KEY UPDATE SKIP LOCKED) n")
+                counted.append(cursor.fetchone()[0])
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    thread.join(timeout=60)
+    return counted[0]
+
+
+def test_a_booking_refused_inside_a_transaction_leaves_no_node_locked(fleet, tenant, member):
+    # given a tenant whose quota is one node
+    tenant.gpu_quota = 8
+    tenant.save()
+    # when, inside a caller's transaction, it asks for two nodes and is refused for its quota
+    with transaction.atomic():
+        with pytest.raises(QuotaExceeded):
+            services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                        gpus=16, start=at(2), end=at(6))
+        # then, while that transaction is still open, no node it looked at is held from other bookings
+        assert lockable_nodes() == len(fleet.nodes)
+
+
+def test_a_lost_race_inside_the_booking_function_is_not_taken_for_an_idempotency_race(fleet, tenant, member):
+    # given a booking on node a0
+    booked = services.reservation_create(actor=Actor.for_user(member), tenant=tenant, gpu_model="H100-SXM-80GB",
+                                         gpus=8, start=at(2), end=at(6)).reservation
+    node = booked.allocations.get().node_id
+    # when a PL/pgSQL block (whose error context quotes its statement, as the booking function's
+    # does) inserts an overlapping allocation on it, in a statement that names idempotency_key
+    with pytest.raises(IntegrityError) as raised, transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"""DO $$ BEGIN
+                INSERT INTO reservations_allocation (reservation_id, node_id, starts_at, ends_at, blocked_until,
+                                                     state, created_at)
+                SELECT id, {node}, starts_at, ends_at, ends_at, 'active', now() FROM reservations_reservation
+                WHERE idempotency_key = '';
+            END $$""")
+    # then it is a lost race for a node (retried), not an identical request that went first
+    assert "idempotency_key" in str(raised.value)
+    assert services._is_double_booking(raised.value) and not services._is_idempotency_race(raised.value)
+
+
+def test_migrates_running_at_once_install_the_booking_function_once(db):
+    # given a database without this code's booking function
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP FUNCTION {services.BOOK_FUNCTION}")
+    # when four migrates install it at the same moment
+    outcomes = race(4, lambda i: services.booking_function_install())
+    # then none fails, and there is one
+    assert outcomes == [services.BOOK_FUNCTION] * 4, outcomes
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_proc WHERE proname = %s", [services.BOOK_FUNCTION])
+        assert cursor.fetchone()[0] == 1
 
 
 def test_extend_racing_bookings_of_the_extension_never_overlaps(fleet, tenant, member):
