@@ -545,9 +545,10 @@ _INSERT_BOOKING_SQL = _WRITE_BOOKING_CTES + _HELD_PEAK_SQL
 # region exist, the GPUs make whole nodes, the tenant may book and has quota left, the walk found the
 # nodes, and the price is one this process has already priced. For them the two statements run inside
 # one PL/pgSQL function, in one round trip: outside a transaction block, as a transaction of its own
-# (no BEGIN and COMMIT round trips), inside one, under a savepoint. Each of the function's statements
-# takes a new snapshot, so the idempotency check and the held peak, read after the tenant lock, see
-# every committed booking of the tenant, as they do in the two-statement path.
+# (no BEGIN and COMMIT round trips), inside one, under a savepoint (rolled back when it books nothing,
+# so its locks go). It locks the tenant first, in a statement of its own, and each later statement
+# takes a new snapshot: the pick, the idempotency check and the held peak see every committed booking
+# of the tenant.
 #
 # The function decides only "book now": when any check does not pass it writes nothing and says
 # "decide", and reservation_create runs the two-statement path, whose policies refuse with their own
@@ -558,7 +559,8 @@ _INSERT_BOOKING_SQL = _WRITE_BOOKING_CTES + _HELD_PEAK_SQL
 #
 # The function's name carries a hash of its text, so code and function cannot drift apart: `migrate`
 # installs the current one (post_migrate, see apps.py) and drops the others; a process whose function
-# is missing (a deploy whose migrate has not run yet) books the two-statement way and logs it.
+# is missing (a deploy whose migrate has not run yet), or not executable by its database role, books
+# the two-statement way for a while and logs it.
 
 def _plpgsql(sql: str) -> str:
     """A statement's %(name)s placeholders as the booking function's p_name variables."""
@@ -638,7 +640,7 @@ _BOOK_CALL_SQL = f"SELECT * FROM {BOOK_FUNCTION}(" + ", ".join(
 # booking function may use. Prices change rarely; an unseen one costs one more call.
 _SEEN_UNIT_PRICES: dict[str, tuple[Decimal, ...]] = {}
 _SEEN_UNIT_PRICES_PER_MODEL = 16
-# When this process last found the function missing: it books the two-statement way for a while,
+# When this process last found the function unusable: it books the two-statement way for a while,
 # rather than paying a failed call on every booking until the deploy's migrate has run.
 _book_function_missing_at = -math.inf
 _BOOK_FUNCTION_RECHECK_SECONDS = 60
