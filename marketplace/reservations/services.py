@@ -681,11 +681,13 @@ def _book_in_one_call(*, actor: Actor, tenant: Tenant, model_name: str, region_c
     global _book_function_missing_at
     if time.monotonic() - _book_function_missing_at < _BOOK_FUNCTION_RECHECK_SECONDS:
         return _UNDECIDED
-    if actor.user is None and not tenant.memberships.exists():
-        return _UNDECIDED  # the two-statement path refuses, after the checks that come first
-    # The placement columns are filled in from the function's answer.
-    reservation = _confirmed_reservation(actor=actor, tenant=tenant, gpus=gpus, same_domain=same_domain, start=start,
-                                         end=end, idempotency_key=idempotency_key, fingerprint=fingerprint)
+    try:
+        # The placement columns are filled in from the function's answer.
+        reservation = _confirmed_reservation(actor=actor, tenant=tenant, gpus=gpus, same_domain=same_domain,
+                                             start=start, end=end, idempotency_key=idempotency_key,
+                                             fingerprint=fingerprint)
+    except InvalidInput:
+        return _UNDECIDED  # a task's booking, no member to record: refused in order by the two-statement path
     audit = _booking_audit(actor=actor, reservation=reservation, after=_create_audit_request(
         model_name=model_name, gpus=gpus, start=start, end=end, enforce=enforce))
     params = _booking_row_params(reservation) | {
@@ -828,7 +830,8 @@ def _confirmed_reservation(*, actor: Actor, tenant: Tenant, gpus: int, same_doma
         "request_fingerprint": fingerprint, "readiness": None, "ready_at": None, "end_notice_at": None,
         "released_at": None, "created_at": now, "updated_at": now,
     }
-    return Reservation.from_db(connection.alias, None, [row[field.attname] for field in Reservation._meta.concrete_fields])
+    return Reservation.from_db(connection.alias, None,
+                               [row[field.attname] for field in Reservation._meta.concrete_fields])
 
 
 def _booking_audit(*, actor: Actor, reservation: Reservation, after: dict) -> list[dict]:
